@@ -1,0 +1,45 @@
+# The stack's entry points. `make setup` is idempotent: it rebuilds the venv only
+# when a requirements file changed since the last install.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+MODELS_DIR ?= models
+LOG_DIR ?= runs
+BENCH_DIR ?= bench/results
+
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup train train-torch train-tf test bench demo serve protos clean tensorboard
+
+setup: $(STAMP)
+
+$(STAMP): requirements/main.txt requirements/constraints.txt requirements/no-deps.txt clients/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements/main.txt -c requirements/constraints.txt
+	$(PIP) install --quiet --no-deps -r requirements/no-deps.txt
+	$(PIP) install --quiet --no-deps -e ./clients
+	touch $@
+
+train: train-torch train-tf
+
+train-torch: setup
+	$(PY) -m training.train_torch --output-dir $(MODELS_DIR) --log-dir $(LOG_DIR)
+
+train-tf: setup
+	$(PY) -m training.train_tf --output-dir $(MODELS_DIR) --log-dir $(LOG_DIR)
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(LOG_DIR)
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m bench.run_all --output-dir $(BENCH_DIR)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

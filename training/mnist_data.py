@@ -1,0 +1,207 @@
+"""MNIST from the four original gzipped IDX files, parsed with numpy.
+
+Where the files come from, in order:
+
+1. an explicit directory (``--data-dir`` flag of the trainers, or ``data_dir=``),
+2. the ``MNIST_DATA_DIR`` environment variable,
+3. the shared copy on our machines (``<repo>/../shared/data/mnist``) if present,
+4. a download cache (``MNIST_CACHE_DIR``, default ``~/.cache/mnist-serving``),
+   filled from the public mirrors (``MNIST_MIRRORS`` overrides the list), each
+   file MD5-checked, trying the next mirror when one fails.
+
+Every problem with a file (missing, corrupt gzip, wrong checksum, wrong IDX
+header) raises :class:`MnistDataError` naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnist_client.contract import IMAGE_HEIGHT, IMAGE_WIDTH, NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+
+DEFAULT_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+# file name -> (MD5 of the .gz file, IDX magic number, item count)
+FILES: dict[str, tuple[str, int, int]] = {
+    "train-images-idx3-ubyte.gz": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", 2051, 60000),
+    "train-labels-idx1-ubyte.gz": ("d53e105ee54ea40749a09fcbcd1e9432", 2049, 60000),
+    "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3", 2051, 10000),
+    "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c", 2049, 10000),
+}
+SPLITS = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_DOWNLOAD_TIMEOUT_S = 30.0
+
+
+class MnistDataError(RuntimeError):
+    """A data file is missing, corrupt, or not the MNIST file it claims to be."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One MNIST split: uint8 images ``[N, 28, 28]`` and uint8 labels ``[N]``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def scaled(self) -> np.ndarray:
+        """Images as the model contract wants them: float32 pixel / 255."""
+        return self.images.astype(np.float32) / np.float32(255.0)
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_checksum(data_dir: Path) -> str:
+    """One MD5 over the four files' MD5s, recorded in exported model metadata."""
+    joined = "".join(md5_of(Path(data_dir) / name) for name in sorted(FILES))
+    return hashlib.md5(joined.encode()).hexdigest()
+
+
+def _mirrors() -> list[str]:
+    env = os.environ.get("MNIST_MIRRORS")
+    mirrors = [m.strip() for m in env.split(",") if m.strip()] if env else list(DEFAULT_MIRRORS)
+    return [m if m.endswith("/") else m + "/" for m in mirrors]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MNIST_CACHE_DIR", Path.home() / ".cache" / "mnist-serving")) / "mnist"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Pick the directory to read from, downloading into the cache if needed."""
+    if data_dir:
+        return Path(data_dir)
+    env = os.environ.get("MNIST_DATA_DIR")
+    if env:
+        return Path(env)
+    if all((SHARED_DATA_DIR / name).is_file() for name in FILES):
+        return SHARED_DATA_DIR
+    target = cache_dir()
+    download(target)
+    return target
+
+
+def download(target: Path, mirrors: list[str] | None = None) -> None:
+    """Fetch any missing or corrupt file into ``target``, MD5-checked, mirror by mirror."""
+    target.mkdir(parents=True, exist_ok=True)
+    mirrors = mirrors if mirrors is not None else _mirrors()
+    for name, (md5, _, _) in FILES.items():
+        dest = target / name
+        if dest.is_file() and md5_of(dest) == md5:
+            continue
+        failures = []
+        for mirror in mirrors:
+            url = mirror + name
+            try:
+                _fetch(url, dest, md5)
+                log.info("downloaded %s from %s", name, mirror)
+                break
+            except (OSError, urllib.error.URLError, MnistDataError) as exc:
+                log.warning("mirror %s failed for %s: %s", mirror, name, exc)
+                failures.append(f"{url}: {exc}")
+        else:
+            raise MnistDataError(
+                f"could not download {name} from any mirror; tried:\n  " + "\n  ".join(failures)
+            )
+
+
+def _fetch(url: str, dest: Path, md5: str) -> None:
+    # Write to a temporary file beside the target and rename it only once the
+    # checksum matches, so an interrupted download never looks complete.
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
+            shutil.copyfileobj(resp, out)
+        got = md5_of(tmp)
+        if got != md5:
+            raise MnistDataError(f"{url}: MD5 {got}, expected {md5}")
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_idx(path: Path, verify_md5: bool = True) -> np.ndarray:
+    """Parse one gzipped IDX file into a uint8 array, checking MD5 and header."""
+    name = path.name
+    if name not in FILES:
+        raise MnistDataError(f"{path}: not an MNIST file name; expected one of {sorted(FILES)}")
+    md5, magic, count = FILES[name]
+    if not path.is_file():
+        raise MnistDataError(f"{path}: file not found (expected the original gzipped IDX file {name})")
+    if verify_md5:
+        got = md5_of(path)
+        if got != md5:
+            raise MnistDataError(f"{path}: MD5 {got}, expected {md5}")
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise MnistDataError(f"{path}: not a valid gzip file ({exc})") from exc
+
+    ndim = 3 if magic == 2051 else 1
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise MnistDataError(f"{path}: {len(raw)} bytes, too short for an IDX header of {header_len} bytes")
+    header = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
+    got_magic, dims = int(header[0]), tuple(int(d) for d in header[1:])
+    expected_dims = (count, IMAGE_HEIGHT, IMAGE_WIDTH) if ndim == 3 else (count,)
+    if got_magic != magic:
+        raise MnistDataError(f"{path}: IDX magic number {got_magic}, expected {magic}")
+    if dims != expected_dims:
+        raise MnistDataError(f"{path}: IDX dimensions {dims}, expected {expected_dims}")
+    expected_len = header_len + int(np.prod(dims))
+    if len(raw) != expected_len:
+        raise MnistDataError(f"{path}: {len(raw)} bytes after gunzip, expected {expected_len}")
+    # [N*28*28] -> [N, 28, 28] for images; labels stay [N]
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def load_split(split: str, data_dir: str | os.PathLike[str] | None = None, verify_md5: bool = True) -> Split:
+    """Load ``"train"`` or ``"test"`` from the resolved data directory."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {sorted(SPLITS)}")
+    directory = resolve_data_dir(data_dir)
+    images_file, labels_file = SPLITS[split]
+    images = read_idx(directory / images_file, verify_md5)
+    labels = read_idx(directory / labels_file, verify_md5)
+    if labels.max(initial=0) >= NUM_CLASSES:
+        raise MnistDataError(f"{directory / labels_file}: label {labels.max()} found, expected 0..{NUM_CLASSES - 1}")
+    return Split(images=images, labels=labels)
+
+
+def load_mnist(data_dir: str | os.PathLike[str] | None = None) -> tuple[Split, Split]:
+    """Both splits: ``(train, test)``."""
+    return load_split("train", data_dir), load_split("test", data_dir)
