@@ -1,0 +1,62 @@
+"""`make bench`: run every benchmark in one go and write their JSON side by side.
+
+Each benchmark is a module ``bench/<name>.py`` with ``main(argv) -> dict``; it
+prints its own table and writes ``<output-dir>/<name>.json``. This runner adds
+a ``summary.json`` naming what ran, what failed and how long each took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+
+from mnist_client import contract
+from serving.model_repository import latest_version, model_base_path
+
+log = logging.getLogger("bench")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Order matters only for reading the output: training first, then the
+# in-process floor, then the servers measured against it, then the load tester.
+BENCHMARKS = ("train_throughput", "inprocess", "rest_server", "grpc_standin", "loadtester_vs_wrk")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run just these benchmarks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    for framework in (contract.TORCH_FRAMEWORK_DIR, contract.TF_FRAMEWORK_DIR):
+        base = model_base_path(args.models_dir, framework, contract.MODEL_NAME)
+        if latest_version(base) is None:
+            parser.error(f"no exported model under {base}; run `make train` first (or pass --models-dir)")
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"benchmarks": {}}
+    for name in args.only or BENCHMARKS:
+        module = importlib.import_module(f"bench.{name}")
+        started = time.monotonic()
+        try:
+            module.main(["--output-dir", str(args.output_dir), "--models-dir", str(args.models_dir)])
+            status = "ok"
+        except Exception:  # one broken benchmark must not hide the others' figures
+            log.error("benchmark %s failed:\n%s", name, traceback.format_exc())
+            status = "failed"
+        summary["benchmarks"][name] = {"status": status, "seconds": round(time.monotonic() - started, 1)}
+    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    failed = [n for n, s in summary["benchmarks"].items() if s["status"] != "ok"]
+    if failed:
+        raise SystemExit(f"benchmarks failed: {', '.join(failed)} (see the log above)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
