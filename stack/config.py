@@ -1,0 +1,65 @@
+"""Settings of the local stack, from environment variables with DESIGN.md's defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_client import contract
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{name}={value}: expected a port number between 0 and 65535")
+    return value
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    host: str
+    rest_port: int
+    grpc_port: int
+    models_dir: Path
+    log_dir: Path
+    report_dir: Path
+    ready_timeout_s: float
+
+    @property
+    def torch_base_path(self) -> Path:
+        return self.models_dir / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME
+
+    @property
+    def tf_base_path(self) -> Path:
+        return self.models_dir / contract.TF_FRAMEWORK_DIR / contract.MODEL_NAME
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self.host}:{self.rest_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @classmethod
+    def from_env(cls) -> "StackConfig":
+        """``MNIST_HOST``, ``MNIST_REST_PORT``, ``MNIST_GRPC_PORT``, ``MNIST_MODELS_DIR``,
+        ``MNIST_LOG_DIR``, ``MNIST_REPORT_DIR``, ``MNIST_READY_TIMEOUT``."""
+        return cls(
+            host=os.environ.get("MNIST_HOST", "127.0.0.1"),
+            rest_port=_int_env("MNIST_REST_PORT", contract.REST_PORT),
+            grpc_port=_int_env("MNIST_GRPC_PORT", contract.TFS_GRPC_PORT),
+            models_dir=Path(os.environ.get("MNIST_MODELS_DIR", REPO_ROOT / "models")).resolve(),
+            log_dir=Path(os.environ.get("MNIST_LOG_DIR", REPO_ROOT / "logs")).resolve(),
+            report_dir=Path(os.environ.get("MNIST_REPORT_DIR", REPO_ROOT / "reports")).resolve(),
+            ready_timeout_s=float(os.environ.get("MNIST_READY_TIMEOUT", "120")),
+        )
