@@ -58,6 +58,11 @@ class ServingModule(tf.Module):
     def __init__(self, model: tf.keras.Model) -> None:
         super().__init__(name="mnist_serving")
         self.model = model
+        # Keras 3 wraps each tf.Variable in a keras.Variable; the checkpoint would
+        # only hold the wrappers, so session-based loaders (TF Serving, the stand-in,
+        # saved_model_cli) fail with "Could not find variable". Track the raw
+        # tf.Variables that serve() captures so they are saved and restored.
+        self.serving_variables = [v.value for v in model.variables]
 
     @tf.function(
         input_signature=[
