@@ -1,0 +1,458 @@
+"""Train the MNIST CNN in PyTorch and export it to the model repository as TorchScript.
+
+Single process (CPU, or one GPU with ``--device auto``)::
+
+    python -m training.train_torch                 # defaults reach >= 99.0% test accuracy
+    python -m training.train_torch --quick         # seconds; a small subset, for tests
+
+Several processes or GPUs, with DistributedDataParallel (gloo on CPU, NCCL on GPU)::
+
+    torchrun --standalone --nproc_per_node=2 -m training.train_torch
+
+Every run writes TensorBoard logs under ``<log-dir>/torch/<run-name>`` and
+publishes ``<output-dir>/torch/mnist/<version>/{model.pt,model.json}``; the
+export is loaded back and checked on the test set before it is published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from mnist_client import contract
+from serving.model_repository import latest_version, model_base_path
+from training import mnist_data
+from training.model_torch import Net, export_torchscript, select_device
+
+log = logging.getLogger("train_torch")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LR = {"adam": 3e-3, "sgd": 0.05}
+# --quick: enough data for clearly-above-chance accuracy in a few seconds.
+QUICK_TRAIN_EXAMPLES = 3000
+QUICK_TEST_EXAMPLES = 1000
+SAMPLE_IMAGES = 16  # test images shown with their predictions in TensorBoard
+BATCH_LOG_EVERY = 50  # steps between per-batch TensorBoard scalars
+EVAL_BATCH_SIZE = 1000
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for ``None`` ones whose help text explains the default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text}: expected a positive number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train_torch",
+        description="Train the MNIST CNN in PyTorch and export it as TorchScript.",
+        formatter_class=_DefaultsHelpFormatter,
+    )
+    parser.add_argument("--epochs", type=positive_int, default=3, help="passes over the training set")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step (per process)")
+    parser.add_argument(
+        "--lr", type=positive_float, default=None, help="peak learning rate (default: 0.003 for adam, 0.05 for sgd)"
+    )
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam, or sgd with momentum")
+    parser.add_argument("--momentum", type=float, default=0.9, help="momentum for --optimizer sgd")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (weights, shuffling, dropout)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=0,
+        help="intra-op CPU threads per process; 0 = the CPUs available divided by the local processes",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the four MNIST .gz files (default: $MNIST_DATA_DIR, else ../shared/data/mnist "
+        "if present, else downloaded into $MNIST_CACHE_DIR)",
+    )
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "models", help="model repository root")
+    parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / "runs", help="TensorBoard log root")
+    parser.add_argument("--run-name", default=None, help="TensorBoard run name (default: timestamp and settings)")
+    parser.add_argument("--version", type=positive_int, default=None, help="version to export (default: next free)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"1 epoch on the first {QUICK_TRAIN_EXAMPLES} training images, evaluated and exported on the "
+        f"first {QUICK_TEST_EXAMPLES} test images (seconds; for tests)",
+    )
+    parser.add_argument(
+        "--skip-if-exists",
+        action="store_true",
+        help="do nothing if the model is already exported (the given --version, or any version)",
+    )
+    return parser
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a torchrun job (world_size 1 when run directly)."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        """Read torchrun's WORLD_SIZE / RANK / LOCAL_RANK / LOCAL_WORLD_SIZE."""
+        if "WORLD_SIZE" not in os.environ:
+            return cls()
+        try:
+            return cls(
+                world_size=int(os.environ["WORLD_SIZE"]),
+                rank=int(os.environ["RANK"]),
+                local_rank=int(os.environ["LOCAL_RANK"]),
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
+            )
+        except (KeyError, ValueError) as exc:
+            raise RuntimeError(
+                f"WORLD_SIZE is set but the torchrun environment is incomplete or malformed ({exc!r}); "
+                "expected integer WORLD_SIZE, RANK and LOCAL_RANK (launch with torchrun)"
+            ) from exc
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    examples: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+
+def normalize(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, 28, 28]`` -> float32 ``[N, 1, 28, 28]`` normalised as the network expects."""
+    x = torch.tensor(images, dtype=torch.float32).div_(contract.PIXEL_SCALE)  # copies: the loader's arrays are read-only
+    return ((x - contract.NORMALIZE_MEAN) / contract.NORMALIZE_STD).unsqueeze(1)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
+    if not info.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def train_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sampler: DistributedSampler,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch_size: int,
+    info: DistInfo,
+    writer: SummaryWriter | None,
+    global_step: int,
+    epoch: int,
+) -> tuple[EpochStats, int]:
+    """One pass over this process's shard; returns all-reduced stats and the new global step."""
+    model.train()
+    device = images.device
+    indices = torch.tensor(list(sampler), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    steps = math.ceil(len(indices) / batch_size)
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, disable=None if info.is_main else True)
+    started = time.perf_counter()
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start : start + batch_size]
+        x, y = images[batch], labels[batch]  # [B, 1, 28, 28], [B]
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        global_step += 1
+        # Accumulate on the device; a .item() per step would synchronise a GPU every batch.
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(dim=1) == y).sum()
+        bar.update()
+        if writer is not None and global_step % BATCH_LOG_EVERY == 0:
+            writer.add_scalar("batch/loss", loss.item(), global_step)
+            writer.add_scalar("batch/learning_rate", scheduler.get_last_lr()[0], global_step)
+    bar.close()
+    seconds = time.perf_counter() - started
+    loss_total, correct_total, examples = _all_reduce_sum(
+        [loss_sum.item(), float(correct.item()), float(len(indices))], device, info
+    )
+    return EpochStats(loss_total / examples, correct_total / examples, int(examples), seconds), global_step
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, info: DistInfo) -> tuple[float, float]:
+    """(mean loss, accuracy) over the test set; each process takes every world_size-th image."""
+    net.eval()
+    shard_x, shard_y = images[info.rank :: info.world_size], labels[info.rank :: info.world_size]
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(shard_y), EVAL_BATCH_SIZE):
+        x, y = shard_x[start : start + EVAL_BATCH_SIZE], shard_y[start : start + EVAL_BATCH_SIZE]
+        logits = net(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == y).sum().item())
+    loss_total, correct_total, examples = _all_reduce_sum(
+        [loss_sum, float(correct), float(len(shard_y))], images.device, info
+    )
+    return loss_total / examples, correct_total / examples
+
+
+def log_samples(writer: SummaryWriter, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> None:
+    """A grid of the first test images, and a table of what the model predicts for each."""
+    net.eval()
+    with torch.no_grad():
+        predicted = net(images).argmax(dim=1).tolist()
+    pixels = images * contract.NORMALIZE_STD + contract.NORMALIZE_MEAN  # back to [0, 1] for display
+    writer.add_images("samples/test_images", pixels.clamp(0, 1).cpu(), epoch)  # NCHW, shown as one row
+    rows = "\n".join(
+        f"| {i} | {p} | {t} | {'' if p == t else 'wrong'} |" for i, (p, t) in enumerate(zip(predicted, labels.tolist()))
+    )
+    writer.add_text(
+        "samples/predictions",
+        "Images left to right in samples/test_images.\n\n| # | predicted | true | |\n|---|---|---|---|\n" + rows,
+        epoch,
+    )
+
+
+def _num_threads(requested: int, info: DistInfo) -> int:
+    if requested > 0:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // info.local_world_size)
+
+
+def _existing_export(args: argparse.Namespace) -> Path | None:
+    base = model_base_path(args.output_dir, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
+    version = args.version if args.version is not None else latest_version(base)
+    if version is None:
+        return None
+    path = base / str(version)
+    return path if (path / contract.TORCHSCRIPT_FILENAME).is_file() else None
+
+
+def _load_data(args: argparse.Namespace, info: DistInfo) -> tuple[Path, mnist_data.Split, mnist_data.Split]:
+    # Rank 0 resolves (and, where needed, downloads) first so ranks never race on the cache.
+    if info.is_main:
+        data_dir = mnist_data.resolve_data_dir(args.data_dir)
+    if info.enabled:
+        dist.barrier()
+    if not info.is_main:
+        data_dir = mnist_data.resolve_data_dir(args.data_dir)
+    train = mnist_data.load_split("train", data_dir)
+    test = mnist_data.load_split("test", data_dir)
+    if args.quick:
+        train = mnist_data.Split(train.images[:QUICK_TRAIN_EXAMPLES], train.labels[:QUICK_TRAIN_EXAMPLES])
+        test = mnist_data.Split(test.images[:QUICK_TEST_EXAMPLES], test.labels[:QUICK_TEST_EXAMPLES])
+    return data_dir, train, test
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train, log to TensorBoard, export; return a summary (``export_path`` is set on rank 0 only)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs = 1
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    info = DistInfo.from_env()
+
+    existing = _existing_export(args) if args.skip_if_exists else None
+    if existing is not None:
+        if info.is_main:
+            log.info("--skip-if-exists: %s is already exported; nothing to do", existing)
+        return {"framework": "pytorch", "skipped": True, "export_path": str(existing), "version": int(existing.name)}
+
+    device = select_device(args.device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(_num_threads(args.num_threads, info))
+    if info.enabled:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train_and_export(args, lr, info, device)
+    finally:
+        if info.enabled:
+            dist.destroy_process_group()
+
+
+def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, device: torch.device) -> dict[str, Any]:
+    data_dir, train, test = _load_data(args, info)
+    train_x, train_y = normalize(train.images).to(device), torch.tensor(train.labels, dtype=torch.long).to(device)
+    test_x, test_y = normalize(test.images).to(device), torch.tensor(test.labels, dtype=torch.long).to(device)
+
+    torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    net = Net().to(device)
+    torch.manual_seed(args.seed + info.rank)  # but independent dropout masks per process
+    model: nn.Module = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if (
+        info.enabled
+    ) else net
+
+    if args.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=args.momentum, nesterov=args.momentum > 0)
+    # DistributedSampler also serves one process (num_replicas=1): one code path for both.
+    sampler = DistributedSampler(
+        range(len(train)), num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed
+    )
+    steps_per_epoch = math.ceil(len(sampler) / args.batch_size)
+    # One-cycle: a short warm-up to the peak LR, then cosine annealing to ~0; stepped per batch.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
+    )
+
+    hyperparameters = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "global_batch_size": args.batch_size * info.world_size,
+        "optimizer": args.optimizer,
+        "lr": lr,
+        "lr_schedule": "one-cycle (15% warm-up, cosine decay), per step",
+        "momentum": args.momentum if args.optimizer == "sgd" else None,
+        "seed": args.seed,
+        "quick": args.quick,
+    }
+    writer = None
+    if info.is_main:
+        run_name = args.run_name or (
+            f"{datetime.now():%Y%m%d-%H%M%S}_{args.optimizer}_lr{lr:g}_bs{args.batch_size}x{info.world_size}"
+        )
+        writer = SummaryWriter(log_dir=str(Path(args.log_dir) / contract.TORCH_FRAMEWORK_DIR / run_name))
+        writer.add_text("hyperparameters", "\n".join(f"- {k}: {v}" for k, v in hyperparameters.items()), 0)
+        log.info(
+            "training on %d images (%d per process), %d test images; device %s, world size %d, %d threads, %s",
+            len(train), len(sampler), len(test), device, info.world_size, torch.get_num_threads(), hyperparameters,
+        )
+
+    global_step, train_seconds = 0, 0.0
+    stats = EpochStats(float("nan"), float("nan"), 0, 0.0)
+    test_loss = test_accuracy = float("nan")
+    for epoch in range(1, args.epochs + 1):
+        sampler.set_epoch(epoch)
+        lr_at_start = scheduler.get_last_lr()[0]
+        stats, global_step = train_epoch(
+            model, train_x, train_y, sampler, optimizer, scheduler, args.batch_size, info, writer, global_step, epoch
+        )
+        train_seconds += stats.seconds
+        test_loss, test_accuracy = evaluate(net, test_x, test_y, info)
+        if writer is not None:
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  %.0f images/s  %.1fs",
+                epoch, args.epochs, stats.loss, stats.accuracy, test_loss, test_accuracy,
+                stats.images_per_second, stats.seconds,
+            )
+            writer.add_scalar("loss/train", stats.loss, epoch)
+            writer.add_scalar("loss/test", test_loss, epoch)
+            writer.add_scalar("accuracy/train", stats.accuracy, epoch)
+            writer.add_scalar("accuracy/test", test_accuracy, epoch)
+            writer.add_scalar("learning_rate", lr_at_start, epoch)
+            writer.add_scalar("throughput/images_per_second", stats.images_per_second, epoch)
+            for name, param in net.named_parameters():
+                writer.add_histogram(f"weights/{name}", param.detach().cpu(), epoch)
+            log_samples(writer, net, test_x[:SAMPLE_IMAGES], test_y[:SAMPLE_IMAGES], epoch)
+
+    summary: dict[str, Any] = {
+        "framework": "pytorch",
+        "skipped": False,
+        "world_size": info.world_size,
+        "rank": info.rank,
+        "device": str(device),
+        "train_examples": len(train),
+        "train_seconds": round(train_seconds, 2),
+        "images_per_second": round(len(train) * args.epochs / train_seconds, 1) if train_seconds else 0.0,
+        "final_train_loss": stats.loss,
+        "final_train_accuracy": stats.accuracy,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "test_examples": len(test),
+        "hyperparameters": hyperparameters,
+        "export_path": None,
+        "version": None,
+    }
+    if writer is None:
+        return summary
+
+    writer.close()
+    export_path = export_torchscript(
+        net.cpu(),
+        args.output_dir,
+        test.scaled(),
+        test.labels,
+        version=args.version,
+        extra_metadata={
+            "data_checksum": mnist_data.dataset_checksum(data_dir),
+            "train_seconds": summary["train_seconds"],
+            "train_examples": len(train),
+            "images_per_second": summary["images_per_second"],
+            "epochs": args.epochs,
+            "hyperparameters": hyperparameters,
+            "world_size": info.world_size,
+            "device": str(device),
+        },
+    )
+    # The export's own load-back accuracy is the figure of record (same images as evaluate()).
+    metadata = json.loads((export_path / contract.METADATA_FILENAME).read_text())
+    summary.update(export_path=str(export_path), version=metadata["version"], test_accuracy=metadata["test_accuracy"])
+    log.info(
+        "done: test accuracy %.4f on %d images, %.1fs training (%.0f images/s), exported version %d to %s",
+        summary["test_accuracy"], len(test), train_seconds, summary["images_per_second"], summary["version"],
+        export_path,
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    main()
