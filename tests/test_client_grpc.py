@@ -6,7 +6,6 @@ are parsed by TensorFlow Serving's generated code and the other way round.
 
 from __future__ import annotations
 
-
 import grpc
 import numpy as np
 import pytest
