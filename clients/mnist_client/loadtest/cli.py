@@ -1,0 +1,295 @@
+"""``mnist-loadtest``: the command line, a thin layer over :func:`mnist_client.loadtest.run`.
+
+Subcommands: ``run`` (load one or more targets), ``merge`` (add result files exactly), ``compare``
+(a candidate result against a baseline). Exit status: 0 passed, 1 a threshold or comparison limit
+failed, 2 bad arguments or settings, 3 the run or the files could not be used (unreachable target,
+missing data, unreadable result file), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from mnist_client.loadtest.compare import CompareLimits, compare_reports, format_comparison
+from mnist_client.loadtest.config import LoadTestConfig, Thresholds, parse_list, parse_target
+from mnist_client.loadtest.errors import ConfigError, LoadTestError
+from mnist_client.loadtest.merge import merge_files
+from mnist_client.loadtest.printers import format_table, write_csv, write_html
+from mnist_client.loadtest.report import Report, load_report
+from mnist_client.loadtest.runner import Progress, run
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _add_thresholds(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("thresholds (exit status 1 when any is passed)")
+    group.add_argument("--max-p50-ms", type=float, metavar="MS", help="fail if any p50 latency exceeds this")
+    group.add_argument("--max-p99-ms", type=float, metavar="MS", help="fail if any p99 latency exceeds this")
+    group.add_argument("--max-error-rate", type=float, metavar="FRACTION",
+                       help="fail if any target's failed/completed requests exceeds this (0..1)")
+    group.add_argument("--min-accuracy", type=float, metavar="FRACTION",
+                       help="fail if a target's served accuracy on the MNIST labels is below this (0..1)")
+    group.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                       help="fail if two targets classify the same images alike less often than this (0..1)")
+    group.add_argument("--min-throughput", type=float, metavar="RPS", help="fail if any throughput is below this")
+
+
+def _add_outputs(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("outputs (the table always goes to stdout)")
+    group.add_argument("--json", type=Path, metavar="FILE", help="write the result file (input of merge/compare)")
+    group.add_argument("--csv", type=Path, metavar="FILE", help="write one CSV row per target and sweep point")
+    group.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report with charts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-loadtest",
+        description="Load-test the MNIST REST and gRPC servers side by side.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,merge,compare}")
+
+    p = commands.add_parser("run", help="load one or more targets", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rest", action="append", default=[], metavar="[NAME=]URL",
+                   help="REST target, e.g. http://127.0.0.1:8080 (repeatable; default name 'rest')")
+    p.add_argument("--grpc", action="append", default=[], metavar="[NAME=]HOST:PORT",
+                   help="gRPC target, e.g. 127.0.0.1:8500 or dns:///svc:8500 (repeatable; default name 'grpc')")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", default="1", metavar="N[,N...]",
+                      help="closed loop: requests in flight; a list sweeps")
+    load.add_argument("--rate", metavar="R[,R...]", help="open loop: arrivals per second; a list sweeps")
+    p.add_argument("--max-in-flight", type=int, default=256, help="open loop: most outstanding requests")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--duration", type=float, metavar="SECONDS",
+                        help="measure each target and sweep point this long (default 10 unless --requests)")
+    amount.add_argument("--requests", type=int, metavar="N", help="measure each target and sweep point N requests")
+    p.add_argument("--warmup", type=int, default=20, metavar="N", help="unmeasured calls before each measurement")
+    p.add_argument("--images-per-request", type=int, default=1, metavar="K")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per request")
+    p.add_argument("--processes", type=int, metavar="N", help="worker processes (default: from load and CPUs)")
+    p.add_argument("--rest-format", choices=("json", "npy"), default="json",
+                   help="REST body: JSON instances, or .npy (PyTorch server only)")
+    p.add_argument("--model-version", type=int, metavar="N", help="pin a model version (default: latest)")
+    p.add_argument("--distinct-images", type=int, default=1000, metavar="N",
+                   help="MNIST test images the payload cycles through (1..10000)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="directory with the MNIST test files (default: $MNIST_DATA_DIR, then discovery)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="tag copied into the report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / status lines on stderr")
+    _add_outputs(p)
+    _add_thresholds(p)
+
+    m = commands.add_parser("merge", help="merge result files exactly (HDR histograms, not percentiles)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="result files, or directories of *.json")
+    _add_outputs(m)
+    _add_thresholds(m)
+
+    c = commands.add_parser("compare", help="compare a candidate result against a baseline",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("baseline", type=Path)
+    c.add_argument("candidate", type=Path)
+    c.add_argument("--max-p50-increase", type=float, metavar="PCT", help="fail if a p50 grew by more than PCT%%")
+    c.add_argument("--max-p99-increase", type=float, metavar="PCT", help="fail if a p99 grew by more than PCT%%")
+    c.add_argument("--max-throughput-decrease", type=float, metavar="PCT",
+                   help="fail if a throughput fell by more than PCT%%")
+    c.add_argument("--max-error-rate-increase", type=float, metavar="FRACTION",
+                   help="fail if an error rate grew by more than this (absolute, 0..1)")
+    c.add_argument("--json", type=Path, metavar="FILE", help="write the comparison as JSON")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
+    """The validated config for ``run``'s arguments (raises :class:`ConfigError`)."""
+    targets = [parse_target(spec, "rest") for spec in args.rest] + [parse_target(spec, "grpc") for spec in args.grpc]
+    if not targets:
+        raise ConfigError("no target given; expected --rest URL and/or --grpc HOST:PORT")
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    open_loop = args.rate is not None
+    duration = args.duration if args.duration is not None else (None if args.requests is not None else 10.0)
+    return LoadTestConfig(
+        targets=tuple(targets),
+        mode="open" if open_loop else "closed",
+        concurrency=() if open_loop else parse_list(args.concurrency, int, "--concurrency"),
+        rates=parse_list(args.rate, float, "--rate") if open_loop else (),
+        max_in_flight=args.max_in_flight,
+        duration_s=duration,
+        requests=args.requests,
+        warmup_requests=args.warmup,
+        images_per_request=args.images_per_request,
+        timeout_s=args.timeout,
+        processes=args.processes,
+        rest_format=args.rest_format,
+        model_version=args.model_version,
+        distinct_images=args.distinct_images,
+        data_dir=args.data_dir,
+        labels=labels,
+    )
+
+
+def thresholds_from_args(args: argparse.Namespace) -> Thresholds:
+    return Thresholds(
+        max_p50_ms=args.max_p50_ms,
+        max_p99_ms=args.max_p99_ms,
+        max_error_rate=args.max_error_rate,
+        min_accuracy=args.min_accuracy,
+        min_agreement=args.min_agreement,
+        min_throughput_rps=args.min_throughput,
+    )
+
+
+class ProgressDisplay:
+    """A tqdm bar per phase on a terminal; a status line every few seconds otherwise (CI logs)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, interval_s: float = 5.0) -> None:
+        self._stream = stream
+        self._interval_s = interval_s
+        self._bar: Any = None
+        self._phase = 0
+        self._last_line = 0.0
+        self._tqdm = None
+        if stream.isatty():
+            try:
+                from tqdm import tqdm
+
+                self._tqdm = tqdm
+            except ImportError:
+                self._tqdm = None
+
+    def __call__(self, p: Progress) -> None:
+        label = f"[{p.phase}/{p.phases}] {p.target} {'c=' if p.mode == 'closed' else 'rate='}{p.point:g}"
+        by_count = p.total_requests is not None
+        done = p.completed if by_count else min(p.elapsed_s, p.duration_s or 0.0)
+        rps = p.completed / p.elapsed_s if p.elapsed_s > 0 else 0.0
+        if self._tqdm is not None:
+            if p.phase != self._phase:
+                self.close()
+                self._phase = p.phase
+                self._bar = self._tqdm(total=p.total_requests if by_count else p.duration_s, desc=label,
+                                       unit="req" if by_count else "s", file=self._stream, leave=True,
+                                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}{postfix}]")
+            self._bar.n = done
+            self._bar.set_postfix_str(f"{p.completed} req, {p.errors} err, {rps:.0f} req/s", refresh=True)
+            if p.finished:
+                self.close()
+            return
+        now = time.monotonic()
+        if p.phase != self._phase:  # the first line of a phase comes after one interval, not at once
+            self._phase = p.phase
+            self._last_line = now
+        if p.finished or now - self._last_line >= self._interval_s:
+            self._last_line = now
+            state = "done" if p.finished else f"{p.elapsed_s:.1f}s"
+            print(f"{label}: {state}, {p.completed} requests, {p.errors} errors, {rps:.0f} req/s",
+                  file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _write_outputs(report: Report, args: argparse.Namespace, failures: list[str] | None) -> None:
+    if args.json:
+        report.save(args.json)
+    if args.csv:
+        write_csv(report, args.csv)
+    if args.html:
+        write_html(report, args.html, failures=failures)
+
+
+def _finish(report: Report, args: argparse.Namespace, out: TextIO) -> int:
+    thresholds = thresholds_from_args(args)
+    failures = report.check(thresholds) if thresholds.any() else []
+    out.write(format_table(report))
+    _write_outputs(report, args, failures if thresholds.any() else None)
+    if failures:
+        for failure in failures:
+            out.write(f"FAIL {failure}\n")
+        return EXIT_FAILED
+    if thresholds.any():
+        out.write("all thresholds passed\n")
+    return EXIT_OK
+
+
+def _command_run(args: argparse.Namespace, out: TextIO) -> int:
+    config = config_from_args(args)
+    thresholds_from_args(args)  # validate before spending minutes on the run
+    stop = threading.Event()
+    display = None if args.no_progress else ProgressDisplay()
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\ninterrupted: finishing the current measurement (Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        report = run(config, progress=display, stop=stop)
+    finally:
+        if display is not None:
+            display.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    code = _finish(report, args, out)
+    return EXIT_INTERRUPTED if stop.is_set() and code == EXIT_OK else code
+
+
+def _command_merge(args: argparse.Namespace, out: TextIO) -> int:
+    thresholds_from_args(args)
+    return _finish(merge_files(args.inputs), args, out)
+
+
+def _command_compare(args: argparse.Namespace, out: TextIO) -> int:
+    limits = CompareLimits(
+        max_p50_increase_pct=args.max_p50_increase,
+        max_p99_increase_pct=args.max_p99_increase,
+        max_throughput_decrease_pct=args.max_throughput_decrease,
+        max_error_rate_increase=args.max_error_rate_increase,
+    )
+    comparison = compare_reports(load_report(args.baseline), load_report(args.candidate), limits)
+    out.write(format_comparison(comparison))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+    return EXIT_FAILED if comparison.failures else EXIT_OK
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit status (the console script passes it to ``sys.exit``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = out or sys.stdout
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    commands = {"run": _command_run, "merge": _command_merge, "compare": _command_compare}
+    try:
+        return commands[args.command](args, out)
+    except ConfigError as exc:
+        print(f"mnist-loadtest {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LoadTestError as exc:
+        print(f"mnist-loadtest {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("mnist-loadtest: aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

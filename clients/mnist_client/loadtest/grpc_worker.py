@@ -1,0 +1,160 @@
+"""The gRPC call loop: pre-serialized PredictRequests sent as futures on one channel.
+
+Requests are serialized once by the client library (:meth:`mnist_client.grpc_client.GrpcClient.prepare`)
+and sent as raw bytes; each call's completion callback, run on gRPC's own thread, records the result
+and starts the next call, so in a closed loop no Python thread sits blocked per in-flight call. In an
+open loop the calling thread follows the pacer's schedule. Answers are decoded and errors translated
+by the client library, so kinds and codes are the ones applications see.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from mnist_client.errors import MnistClientError
+from mnist_client.grpc_client import DEFAULT_MAX_MESSAGE_BYTES, PREDICT_METHOD, _parse_prediction, _translate_rpc_error
+from mnist_client.loadtest.pacer import Pacer
+from mnist_client.loadtest.records import RecordSink
+from mnist_client.protos import predict_pb2
+
+_WAKE_S = 0.05  # the calling thread wakes at least this often to flush records and check for a stop
+
+
+def channel_options(load_balancing: str | None) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ]
+    if load_balancing:
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
+    return options
+
+
+class GrpcEngine:
+    """Runs one phase of gRPC load: calls from a pacer, at most ``slots`` in flight, on one channel."""
+
+    def __init__(
+        self,
+        target: str,
+        requests: list[bytes],
+        batch_sizes: list[int],
+        timeout_s: float,
+        load_balancing: str | None = None,
+    ) -> None:
+        self._target = target
+        self._channel = grpc.insecure_channel(target, options=channel_options(load_balancing))
+        self._predict = self._channel.unary_unary(PREDICT_METHOD, request_serializer=None, response_deserializer=None)
+        self._requests = requests
+        self._batch_sizes = batch_sizes
+        self._timeout_s = timeout_s
+        self._what = f"Predict at {target}"
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def run(
+        self,
+        pacer: Pacer,
+        slots: int,
+        first_payload: int,
+        sink: RecordSink,
+        *,
+        record_lag: bool,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Run until the pacer is done and every call finished; returns the last finish time (ns)."""
+        lock = self._lock
+        idle = self._idle
+        predict_future = self._predict.future
+        requests = self._requests
+        n_payloads = len(requests)
+        timeout_s = self._timeout_s
+        state = {"in_flight": 0, "next_payload": first_payload % n_payloads, "last_end": time.monotonic_ns(),
+                 "stopping": False, "launching": False}
+        monotonic_ns = time.monotonic_ns
+
+        def launch(intended: int, now: int) -> None:
+            # Called with the lock held. A call that completes before add_done_callback runs its callback
+            # right here; "launching" stops that callback from launching in turn (no unbounded recursion).
+            payload = state["next_payload"]
+            state["next_payload"] = payload + 1 if payload + 1 < n_payloads else 0
+            state["in_flight"] += 1
+            state["launching"] = True
+            if record_lag:
+                sink.lag((now - intended) // 1000)
+            try:
+                future = predict_future(requests[payload], timeout=timeout_s)
+                future.add_done_callback(lambda f, p=payload, t=intended: on_done(f, p, t))
+            except Exception as exc:  # a closed channel raises ValueError at once
+                state["in_flight"] -= 1
+                sink.error("unavailable", "UNAVAILABLE", f"{self._what}: could not start the call ({exc})")
+            finally:
+                state["launching"] = False
+
+        def on_done(future: grpc.Future, payload: int, intended: int) -> None:
+            now = monotonic_ns()
+            outcome = self._outcome(future, payload)
+            with lock:
+                if outcome[0] == "ok":
+                    sink.ok(payload, (now - intended) // 1000, outcome[1])
+                else:
+                    sink.error(*outcome[1])
+                state["in_flight"] -= 1
+                state["last_end"] = now
+                # Closed loop: the next call goes at once from this thread.
+                if not record_lag and not state["stopping"] and not state["launching"]:
+                    start = pacer.take(now)
+                    if start is not None:
+                        launch(start, now)
+                idle.notify()
+
+        with lock:
+            while True:
+                now = monotonic_ns()
+                if not state["stopping"]:
+                    while state["in_flight"] < slots:
+                        intended = pacer.take(now)
+                        if intended is None:
+                            break
+                        launch(intended, now)
+                if now >= sink.next_flush_ns:
+                    sink.flush(now)
+                    if should_stop():
+                        state["stopping"] = True
+                if state["in_flight"] == 0 and (state["stopping"] or pacer.next_due_ns(now) is None):
+                    break
+                wait_s = _WAKE_S
+                if record_lag and state["in_flight"] < slots:
+                    next_due = pacer.next_due_ns(now)
+                    if next_due is not None:
+                        wait_s = min(wait_s, max(0.0, (next_due - now) / 1e9))
+                if wait_s > 0:
+                    idle.wait(wait_s)
+            sink.flush(monotonic_ns())
+            return state["last_end"]
+
+    def _outcome(self, future: grpc.Future, payload: int) -> tuple[str, object]:
+        """("ok", class bytes) or ("error", (kind, code, message)) for a finished call."""
+        error = future.exception()
+        if error is None:
+            try:
+                response = predict_pb2.PredictResponse.FromString(future.result())
+                prediction = _parse_prediction(response, self._batch_sizes[payload])
+            except MnistClientError as exc:
+                return "error", (exc.kind, exc.code, str(exc))
+            except Exception as exc:  # undecodable bytes: protobuf's DecodeError
+                return "error", ("protocol", "DATA_LOSS", f"{self._what}: undecodable answer ({exc})")
+            return "ok", prediction.classes.astype(np.uint8).tobytes()
+        if isinstance(error, grpc.RpcError):
+            translated = _translate_rpc_error(error, self._what, self._timeout_s)
+        else:
+            translated = MnistClientError(f"{self._what}: {type(error).__name__}: {error}")
+        return "error", (translated.kind, translated.code, str(translated))

@@ -1,0 +1,443 @@
+"""The REST call loop: HTTP/1.1 over non-blocking sockets and one poller, in the manner of wrk.
+
+A general HTTP client costs tens of microseconds of Python per request in header handling and
+object churn; on a machine shared with the server that is load the tester steals from the server.
+This loop instead sends request bytes encoded once (:mod:`mnist_client.loadtest.payload`), keeps one
+state record per connection, and parses only what it must: the status line, ``Content-Length`` /
+``Transfer-Encoding: chunked`` and ``Connection``. Connections are kept alive where the server allows
+(TF Serving's REST API, gunicorn's threaded workers); gunicorn's sync workers close every connection,
+so then each request opens a new one, as it would for any client, and the connect time is part of its
+latency. A kept-alive connection that the server closed while idle is reopened transparently.
+
+Answers are decoded and errors translated by the client library (:mod:`mnist_client.rest`), so kinds
+and codes are the ones applications see.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from mnist_client.errors import DeadlineExceededError, MnistClientError, ProtocolError, UnavailableError
+from mnist_client.loadtest.pacer import Pacer
+from mnist_client.loadtest.records import RecordSink
+from mnist_client.rest import _error_from_response, _parse_prediction
+
+_IN = select.POLLIN
+_OUT = select.POLLOUT
+_RECV_BYTES = 1 << 18
+_TIMEOUT_CHECK_NS = 5_000_000  # scan for expired requests at most this often
+
+# Connection states.
+_CONNECTING, _SENDING, _READING, _IDLE = range(4)
+
+
+class _Poller:
+    """epoll where the platform has it, else poll; timeouts in seconds."""
+
+    def __init__(self) -> None:
+        if hasattr(select, "epoll"):
+            self._poller = select.epoll()
+            self._scale = 1.0
+        else:  # pragma: no cover - macOS and BSDs
+            self._poller = select.poll()
+            self._scale = 1000.0
+        self.register = self._poller.register
+        self.modify = self._poller.modify
+        self.unregister = self._poller.unregister
+
+    def poll(self, timeout_s: float) -> list[tuple[int, int]]:
+        return self._poller.poll(max(0.0, timeout_s) * self._scale)
+
+    def close(self) -> None:
+        close = getattr(self._poller, "close", None)
+        if close is not None:
+            close()
+
+
+class _Conn:
+    __slots__ = (
+        "sock", "fd", "state", "buf", "payload", "request", "sent", "intended_ns", "deadline_ns",
+        "reused", "head_end", "status", "length", "chunked", "close_after",
+    )
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.state = _CONNECTING
+        self.buf = bytearray()
+        self.payload = 0
+        self.request = b""
+        self.sent = 0
+        self.intended_ns = 0
+        self.deadline_ns = 0
+        self.reused = False
+        self.head_end = -1
+        self.status = 0
+        self.length = -1  # body length; -1: until the server closes
+        self.chunked = False
+        self.close_after = False
+
+
+def build_request(host: str, port: int, path: str, content_type: str, body: bytes) -> bytes:
+    """One complete HTTP/1.1 POST, head and body, ready to send as is."""
+    host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: mnist-loadtest\r\n"
+        f"Accept: application/json\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def _dechunk(data: bytes | bytearray) -> bytes | None:
+    """The body of a complete chunked message, or ``None`` while chunks are still missing."""
+    out = bytearray()
+    pos = 0
+    while True:
+        line_end = data.find(b"\r\n", pos)
+        if line_end < 0:
+            return None
+        size_text = bytes(data[pos:line_end]).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise ProtocolError(f"malformed chunk size {size_text[:20]!r} in a chunked answer") from None
+        start = line_end + 2
+        if size == 0:
+            return bytes(out) if data.find(b"\r\n\r\n", line_end) >= 0 or data.endswith(b"\r\n") else None
+        if len(data) < start + size + 2:
+            return None
+        out += data[start : start + size]
+        pos = start + size + 2
+
+
+class HttpEngine:
+    """Runs one phase of REST load: requests from a pacer, over up to ``slots`` connections."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        requests: list[bytes],
+        batch_sizes: list[int],
+        timeout_s: float,
+        what: str,
+    ) -> None:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not info:  # pragma: no cover - getaddrinfo raises instead
+            raise OSError(f"{host}:{port} resolves to no address")
+        self._family, _, _, _, self._address = info[0]
+        self._requests = requests
+        self._batch_sizes = batch_sizes
+        self._timeout_ns = int(timeout_s * 1e9)
+        self._timeout_s = timeout_s
+        self._sink: RecordSink | None = None  # the current phase's, set by run()
+        self._what = what  # "POST http://host:port/path", for error messages
+
+    def run(
+        self,
+        pacer: Pacer,
+        slots: int,
+        first_payload: int,
+        sink: RecordSink,
+        *,
+        record_lag: bool,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Run until the pacer is done and every request answered or failed; returns the last finish time (ns)."""
+        poller = _Poller()
+        self._sink = sink
+        conns: dict[int, _Conn] = {}  # fd -> connection with a request in flight (or connecting)
+        idle: list[_Conn] = []  # kept-alive connections without a request
+        n_payloads = len(self._requests)
+        next_payload = first_payload % n_payloads
+        last_end = time.monotonic_ns()
+        next_timeout_check = last_end + _TIMEOUT_CHECK_NS
+        monotonic_ns = time.monotonic_ns
+        try:
+            while True:
+                now = monotonic_ns()
+                # Start every request that is due while a slot is free.
+                while len(conns) < slots:
+                    intended = pacer.take(now)
+                    if intended is None:
+                        break
+                    if record_lag:
+                        sink.lag((now - intended) // 1000)
+                    conn = self._start(poller, idle, next_payload, intended, now)
+                    next_payload = next_payload + 1 if next_payload + 1 < n_payloads else 0
+                    if conn is not None:
+                        conns[conn.fd] = conn
+                    else:
+                        last_end = now
+                if not conns:
+                    next_due = pacer.next_due_ns(now)
+                    if next_due is None:
+                        break
+                    wait_s = (next_due - now) / 1e9
+                else:
+                    next_due = pacer.next_due_ns(now) if len(conns) < slots else None
+                    wait_s = min(
+                        (next_due - now) / 1e9 if next_due is not None else 1.0,
+                        (next_timeout_check - now) / 1e9,
+                    )
+                if now >= sink.next_flush_ns:
+                    sink.flush(now)
+                    if should_stop():
+                        break
+                    wait_s = min(wait_s, 0.1)
+                events = poller.poll(wait_s) if wait_s > 0 else poller.poll(0)
+                for fd, event in events:
+                    conn = conns.get(fd)
+                    if conn is None:
+                        self._idle_event(poller, idle, fd)
+                        continue
+                    if event & _OUT and conn.state in (_CONNECTING, _SENDING):
+                        finished = self._on_writable(poller, conn)
+                    else:
+                        finished = self._on_readable(poller, conn)
+                    if finished:
+                        del conns[fd]
+                        last_end = monotonic_ns()
+                        if not conn.close_after and conn.state == _IDLE:
+                            idle.append(conn)
+                    elif conn.fd != fd:  # reconnected after a stale kept-alive connection
+                        del conns[fd]
+                        conns[conn.fd] = conn
+                now = monotonic_ns()
+                if now >= next_timeout_check:
+                    next_timeout_check = now + _TIMEOUT_CHECK_NS
+                    for fd in [fd for fd, c in conns.items() if c.deadline_ns <= now]:
+                        conn = conns.pop(fd)
+                        self._fail(poller, conn, DeadlineExceededError(
+                            f"{self._what}: no response within {self._timeout_s:.3g} s"))
+                        last_end = now
+        finally:
+            for conn in list(conns.values()) + idle:
+                self._close(poller, conn)
+            poller.close()
+            sink.flush(monotonic_ns())
+        return last_end
+
+    # -- connection handling -----------------------------------------------------------------------
+
+    def _start(self, poller: _Poller, idle: list[_Conn], payload: int, intended: int, now: int) -> _Conn | None:
+        request = self._requests[payload]
+        while idle:
+            conn = idle.pop()
+            if conn.state == _IDLE:  # skip ones the server closed meanwhile
+                conn.reused = True
+                self._arm(conn, payload, request, intended, now)
+                conn.state = _SENDING
+                if self._send(poller, conn, modify=True):
+                    return None  # failed at once and was recorded
+                return conn
+        try:
+            conn = self._connect(poller)
+        except OSError as exc:
+            self._sink.error(*_kind_code_message(UnavailableError(
+                f"{self._what}: could not open a connection ({exc})", request_sent=False)))
+            return None
+        conn.reused = False
+        self._arm(conn, payload, request, intended, now)
+        return conn
+
+    def _connect(self, poller: _Poller) -> _Conn:
+        sock = socket.socket(self._family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(self._address)
+            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+                raise OSError(err, f"connect to {self._address}: {errno.errorcode.get(err, err)}")
+        except OSError:
+            sock.close()
+            raise
+        conn = _Conn(sock)
+        poller.register(conn.fd, _OUT)
+        return conn
+
+    def _arm(self, conn: _Conn, payload: int, request: bytes, intended: int, now: int) -> None:
+        conn.payload = payload
+        conn.request = request
+        conn.sent = 0
+        conn.intended_ns = intended
+        conn.deadline_ns = now + self._timeout_ns
+        conn.buf = bytearray()
+        conn.head_end = -1
+        conn.length = -1
+        conn.chunked = False
+        conn.close_after = False
+
+    def _on_writable(self, poller: _Poller, conn: _Conn) -> bool:
+        if conn.state == _CONNECTING:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                reason = errno.errorcode.get(err, str(err))
+                self._fail(poller, conn, UnavailableError(
+                    f"{self._what}: could not connect ({reason})", request_sent=False))
+                return True
+            conn.state = _SENDING
+        return self._send(poller, conn, modify=False)
+
+    def _send(self, poller: _Poller, conn: _Conn, *, modify: bool) -> bool:
+        """Send what is left of the request; True if the request failed (and was recorded)."""
+        try:
+            if conn.sent:
+                conn.sent += conn.sock.send(memoryview(conn.request)[conn.sent :])
+            else:
+                conn.sent = conn.sock.send(conn.request)
+        except (BlockingIOError, InterruptedError):
+            if modify:
+                poller.modify(conn.fd, _OUT)
+            return False
+        except OSError as exc:
+            return self._broken(poller, conn, exc)
+        if conn.sent >= len(conn.request):
+            conn.state = _READING
+            poller.modify(conn.fd, _IN)
+        elif modify:
+            poller.modify(conn.fd, _OUT)
+        return False
+
+    def _on_readable(self, poller: _Poller, conn: _Conn) -> bool:
+        """Read what arrived; True when the request is finished (answered or failed)."""
+        try:
+            data = conn.sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            return self._broken(poller, conn, exc)
+        if not data:
+            if conn.state == _READING and conn.head_end >= 0 and conn.length < 0 and not conn.chunked:
+                conn.close_after = True  # body framed by the close itself
+                return self._complete(poller, conn, bytes(conn.buf[conn.head_end :]))
+            return self._broken(poller, conn, None)
+        buf = conn.buf
+        buf += data
+        if conn.head_end < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            try:
+                self._parse_head(conn, bytes(buf[:end]))
+            except ProtocolError as exc:
+                self._fail(poller, conn, exc)
+                return True
+            conn.head_end = end + 4
+        if conn.chunked:
+            try:
+                body = _dechunk(memoryview(buf)[conn.head_end :].tobytes())
+            except ProtocolError as exc:
+                self._fail(poller, conn, exc)
+                return True
+            if body is None:
+                return False
+            return self._complete(poller, conn, body)
+        if conn.length >= 0 and len(buf) - conn.head_end >= conn.length:
+            return self._complete(poller, conn, bytes(buf[conn.head_end : conn.head_end + conn.length]))
+        return False
+
+    def _parse_head(self, conn: _Conn, head: bytes) -> None:
+        line_end = head.find(b"\r\n")
+        status_line = head if line_end < 0 else head[:line_end]
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise ProtocolError(f"{self._what}: not an HTTP response (status line {status_line[:60]!r})")
+        conn.status = int(parts[1])
+        lower = head.lower()
+        pos = lower.find(b"\r\ncontent-length:")
+        if pos >= 0:
+            end = lower.find(b"\r\n", pos + 2)
+            value = lower[pos + 17 : end if end >= 0 else len(lower)].strip()
+            if not value.isdigit():
+                raise ProtocolError(f"{self._what}: bad Content-Length {value[:20]!r}")
+            conn.length = int(value)
+        if b"\r\ntransfer-encoding:" in lower and b"chunked" in lower.split(b"\r\ntransfer-encoding:", 1)[1].split(
+            b"\r\n", 1
+        )[0]:
+            conn.chunked = True
+            conn.length = -1
+        pos = lower.find(b"\r\nconnection:")
+        if pos >= 0:
+            end = lower.find(b"\r\n", pos + 2)
+            conn.close_after = b"close" in lower[pos : end if end >= 0 else len(lower)]
+        elif parts[0] == b"HTTP/1.0":
+            conn.close_after = True
+        if conn.status in (204, 304) or 100 <= conn.status < 200:
+            conn.length = 0
+
+    def _complete(self, poller: _Poller, conn: _Conn, body: bytes) -> bool:
+        now = time.monotonic_ns()
+        latency_us = (now - conn.intended_ns) // 1000
+        status = conn.status
+        if conn.close_after:
+            self._close(poller, conn)
+        else:
+            conn.state = _IDLE
+        if 200 <= status < 300:
+            try:
+                prediction = _parse_prediction(body, self._batch_sizes[conn.payload], None)
+            except MnistClientError as exc:
+                self._sink.error(*_kind_code_message(exc))
+                return True
+            self._sink.ok(conn.payload, latency_us, prediction.classes.astype(np.uint8).tobytes())
+        else:
+            self._sink.error(*_kind_code_message(_error_from_response(status, body, self._what)))
+        return True
+
+    def _broken(self, poller: _Poller, conn: _Conn, exc: OSError | None) -> bool:
+        """The connection failed mid-request; reopen once if it was a stale kept-alive one."""
+        if conn.reused and not conn.buf and conn.state in (_SENDING, _READING):
+            self._close(poller, conn)
+            try:
+                fresh = self._connect(poller)
+            except OSError as error:
+                self._sink.error(*_kind_code_message(UnavailableError(
+                    f"{self._what}: could not reconnect ({error})", request_sent=False)))
+                return True
+            for name in ("payload", "request", "intended_ns", "deadline_ns"):
+                setattr(fresh, name, getattr(conn, name))
+            # The caller keys connections by fd: swap the record in place.
+            conn.sock, conn.fd, conn.state, conn.reused = fresh.sock, fresh.fd, _CONNECTING, False
+            conn.sent, conn.buf, conn.head_end, conn.length, conn.chunked = 0, bytearray(), -1, -1, False
+            return False
+        reason = "closed by the server" if exc is None else f"{type(exc).__name__}: {exc}"
+        self._fail(poller, conn, UnavailableError(
+            f"{self._what}: connection {reason} before the response was complete",
+            request_sent=conn.state != _CONNECTING))
+        return True
+
+    def _idle_event(self, poller: _Poller, idle: list[_Conn], fd: int) -> None:
+        """Activity on an idle kept-alive connection: the server closed it (or sent junk); drop it."""
+        for i, conn in enumerate(idle):
+            if conn.fd == fd:
+                del idle[i]
+                conn.state = -1
+                self._close(poller, conn)
+                return
+
+    def _fail(self, poller: _Poller, conn: _Conn, error: MnistClientError) -> None:
+        self._close(poller, conn)
+        conn.close_after = True
+        self._sink.error(*_kind_code_message(error))
+
+    @staticmethod
+    def _close(poller: _Poller, conn: _Conn) -> None:
+        if conn.fd >= 0:
+            try:
+                poller.unregister(conn.fd)
+            except (KeyError, OSError, ValueError):
+                pass
+            conn.sock.close()
+            conn.fd = -1
+        conn.close_after = True
+
+
+def _kind_code_message(error: MnistClientError) -> tuple[str, str, str]:
+    return error.kind, error.code, str(error)
