@@ -88,10 +88,12 @@ class RestServer:
     which would hide whether the client reuses connections).
     """
 
-    def __init__(self, behaviour: Behaviour | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, behaviour: Behaviour | None = None, ssl_context: ssl.SSLContext | None = None, port: int = 0
+    ) -> None:
         self.behaviour = behaviour or Behaviour()
         handler = type("Handler", (_RestHandler,), {"behaviour": self.behaviour})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self._server.daemon_threads = True
         if ssl_context is not None:
             self._server.socket = ssl_context.wrap_socket(self._server.socket, server_side=True)
@@ -199,7 +201,9 @@ class _RestHandler(BaseHTTPRequestHandler):
 class GrpcServer:
     """A gRPC server built on the official tensorflow-serving-api stubs, on 127.0.0.1 (port 0)."""
 
-    def __init__(self, behaviour: Behaviour | None = None, credentials: Any = None, name: str = "fake") -> None:
+    def __init__(
+        self, behaviour: Behaviour | None = None, credentials: Any = None, name: str = "fake", port: int = 0
+    ) -> None:
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from tensorflow_serving.apis import (
@@ -288,7 +292,7 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Prediction(), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(Models(), self._server)
-        address = "127.0.0.1:0"
+        address = f"127.0.0.1:{port}"
         if credentials is None:
             self.port = self._server.add_insecure_port(address)
         else:
