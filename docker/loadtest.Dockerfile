@@ -27,13 +27,13 @@ RUN --mount=type=bind,source=docker/ca-certificates,target=/tmp/extra-ca \
  && python3 -m venv /opt/venv
 
 FROM python-base AS loadtest
-# The client's dependencies first (they change less often than its code).
+# The client's dependencies with its load-test extra first (they change less often than its code).
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=requirements,target=/tmp/requirements \
     --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
     --mount=type=bind,source=docker/pip_install.py,target=/tmp/pip_install.py \
     --mount=type=bind,source=clients/pyproject.toml,target=/tmp/clients/pyproject.toml \
-    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml setuptools \
+    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml --extra loadtest setuptools \
  && install -d -o 10001 -g 10001 /reports /data/mnist
 RUN --mount=type=bind,source=clients,target=/tmp/clients,rw \
     pip install --no-cache-dir --no-deps --no-build-isolation /tmp/clients
