@@ -1,0 +1,118 @@
+"""gunicorn configuration for the PyTorch REST server (every value from MNIST_REST_* variables).
+
+    gunicorn -c serving/torch_server/gunicorn_conf.py 'serving.torch_server.app:create_app()'
+
+Each worker builds the app (and loads the model) after the fork: ``preload_app``
+stays off, so no torch state or watcher thread crosses a fork. docs/rest-server.md
+lists every variable; the main ones:
+
+MNIST_REST_HOST / MNIST_REST_PORT      bind address (0.0.0.0:8080)
+MNIST_REST_WORKERS                     worker processes (default: usable CPUs)
+MNIST_REST_THREADS                     request threads per worker; >1 selects the gthread worker
+MNIST_REST_TIMEOUT                     seconds a request may take before its worker is replaced (30)
+MNIST_REST_GRACEFUL_TIMEOUT            seconds in-flight requests get after SIGTERM (30)
+MNIST_REST_KEEPALIVE                   keep-alive seconds (gthread only; sync closes each connection) (5)
+MNIST_REST_TLS_CERT / MNIST_REST_TLS_KEY   serve HTTPS with this certificate and key (both or neither)
+MNIST_REST_ACCESS_LOG                  '-' (stdout, default), a file path, or 'off'
+MNIST_REST_MAX_REQUESTS                recycle a worker after this many requests (0: never)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# gunicorn executes this file by path: make the repository importable from any working directory.
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from serving.torch_server.config import ConfigError, ServerConfig, env_int, env_str  # noqa: E402
+
+# Validate the app's settings in the master, so a bad value stops the server at
+# once with a clear message instead of failing in every worker.
+ServerConfig.load()
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+bind = [f"{env_str('HOST', '0.0.0.0')}:{env_int('PORT', 8080, minimum=0)}"]
+workers = env_int("WORKERS", _usable_cpus(), minimum=1)
+threads = env_int("THREADS", 1, minimum=1)
+# sync: one request at a time per worker, the fastest for a CPU-bound model on few
+# cores; gthread when threads are asked for (keep-alive, and micro-batching).
+worker_class = "gthread" if threads > 1 else "sync"
+timeout = env_int("TIMEOUT", 30, minimum=1)
+graceful_timeout = env_int("GRACEFUL_TIMEOUT", 30, minimum=1)
+keepalive = env_int("KEEPALIVE", 5, minimum=0)
+max_requests = env_int("MAX_REQUESTS", 0, minimum=0)
+max_requests_jitter = max_requests // 10
+preload_app = False
+proc_name = "mnist-rest"
+# The control socket is an admin interface (and one default path per user clashes
+# between several servers on one host): off unless a path is given.
+_control_socket = env_str("CONTROL_SOCKET", "")
+control_socket_disable = _control_socket == ""
+if _control_socket:
+    control_socket = _control_socket
+# Heartbeat files on tmpfs: a container's overlay disk can stall the heartbeat.
+if Path("/dev/shm").is_dir():
+    worker_tmp_dir = "/dev/shm"
+
+# Request size limits at the HTTP layer (the app limits bodies: MNIST_REST_MAX_BODY_BYTES).
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+# TLS, off by default.
+certfile = env_str("TLS_CERT", "") or None
+keyfile = env_str("TLS_KEY", "") or None
+if (certfile is None) != (keyfile is None):
+    raise ConfigError("MNIST_REST_TLS_CERT and MNIST_REST_TLS_KEY go together: set both (HTTPS) or neither (HTTP)")
+for _name, _path in (("TLS_CERT", certfile), ("TLS_KEY", keyfile)):
+    if _path is not None and not Path(_path).is_file():
+        raise ConfigError(f"MNIST_REST_{_name}={_path}: no such file")
+
+# Access log with the request latency in milliseconds (%(M)s) and the worker pid.
+_access_log = env_str("ACCESS_LOG", "-")
+accesslog = None if _access_log.lower() == "off" else _access_log
+access_log_format = '%(h)s %(t)s "%(r)s" %(s)s %(B)s %(M)sms pid=%(p)s "%(a)s"'
+errorlog = "-"
+loglevel = env_str("LOG_LEVEL", "info").lower()
+
+# Prometheus multiprocess mode. The variable must be set before any worker imports
+# prometheus_client (the value class is chosen at import), so it is set here, in the
+# master, at config load. An operator-given folder is used as is; otherwise a
+# private temporary folder, removed when the master exits.
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_own_metrics_dir = _MULTIPROC_ENV not in os.environ
+if _own_metrics_dir:
+    os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-rest-metrics-")
+
+
+def on_starting(server: object) -> None:
+    # Samples of a previous run in a reused folder would be added to this run's.
+    folder = Path(os.environ[_MULTIPROC_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+
+
+def child_exit(server: object, worker: object) -> None:
+    # Drop the dead worker's live gauges (in-flight requests, model version).
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ[_MULTIPROC_ENV], ignore_errors=True)
