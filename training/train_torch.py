@@ -38,7 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mnist_client import contract
-from serving.model_repository import latest_version, model_base_path
+from serving.model_repository import list_versions, model_base_path
 from training import mnist_data
 from training.model_torch import Net, export_torchscript, select_device
 
@@ -77,6 +77,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def device_spec(text: str) -> str:
+    if text != "auto":
+        try:
+            device = torch.device(text)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train_torch",
@@ -91,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam, or sgd with momentum")
     parser.add_argument("--momentum", type=float, default=0.9, help="momentum for --optimizer sgd")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, shuffling, dropout)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_spec, default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
+    )
     parser.add_argument(
         "--num-threads",
         type=int,
@@ -172,7 +185,7 @@ class EpochStats:
 
 def normalize(images: np.ndarray) -> torch.Tensor:
     """uint8 ``[N, 28, 28]`` -> float32 ``[N, 1, 28, 28]`` normalised as the network expects."""
-    x = torch.tensor(images, dtype=torch.float32).div_(contract.PIXEL_SCALE)  # copies: the loader's arrays are read-only
+    x = torch.tensor(images, dtype=torch.float32).div_(contract.PIXEL_SCALE)  # a copy; the loader's is read-only
     return ((x - contract.NORMALIZE_MEAN) / contract.NORMALIZE_STD).unsqueeze(1)
 
 
@@ -182,6 +195,18 @@ def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch (normalised ``[B, 1, 28, 28]``, labels ``[B]``): (loss, logits)."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(images)  # [B, 10]
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()  # under DDP this also all-reduces the gradients
+    optimizer.step()
+    return loss.detach(), logits.detach()
 
 
 def train_epoch(
@@ -209,15 +234,11 @@ def train_epoch(
     for start in range(0, len(indices), batch_size):
         batch = indices[start : start + batch_size]
         x, y = images[batch], labels[batch]  # [B, 1, 28, 28], [B]
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        optimizer.step()
+        loss, logits = train_step(model, optimizer, x, y)
         scheduler.step()
         global_step += 1
         # Accumulate on the device; a .item() per step would synchronise a GPU every batch.
-        loss_sum += loss.detach().double() * len(y)
+        loss_sum += loss.double() * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
         bar.update()
         if writer is not None and global_step % BATCH_LOG_EVERY == 0:
@@ -254,13 +275,14 @@ def log_samples(writer: SummaryWriter, net: nn.Module, images: torch.Tensor, lab
     with torch.no_grad():
         predicted = net(images).argmax(dim=1).tolist()
     pixels = images * contract.NORMALIZE_STD + contract.NORMALIZE_MEAN  # back to [0, 1] for display
-    writer.add_images("samples/test_images", pixels.clamp(0, 1).cpu(), epoch)  # NCHW, shown as one row
+    writer.add_images("samples/test_images", pixels.clamp(0, 1).cpu(), epoch)  # NCHW, shown as a grid of 8 a row
     rows = "\n".join(
         f"| {i} | {p} | {t} | {'' if p == t else 'wrong'} |" for i, (p, t) in enumerate(zip(predicted, labels.tolist()))
     )
     writer.add_text(
         "samples/predictions",
-        "Images left to right in samples/test_images.\n\n| # | predicted | true | |\n|---|---|---|---|\n" + rows,
+        "Images of samples/test_images, left to right and top to bottom.\n\n"
+        "| # | predicted | true | |\n|---|---|---|---|\n" + rows,
         epoch,
     )
 
@@ -272,13 +294,13 @@ def _num_threads(requested: int, info: DistInfo) -> int:
     return max(1, cpus // info.local_world_size)
 
 
-def _existing_export(args: argparse.Namespace) -> Path | None:
-    base = model_base_path(args.output_dir, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
-    version = args.version if args.version is not None else latest_version(base)
+def _existing_export(models_root: Path, version: int | None) -> Path | None:
+    """The published version ``version`` (or the latest one if None), if there is one."""
+    base = model_base_path(models_root, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
+    versions = list_versions(base)
     if version is None:
-        return None
-    path = base / str(version)
-    return path if (path / contract.TORCHSCRIPT_FILENAME).is_file() else None
+        return base / str(versions[-1]) if versions else None
+    return base / str(version) if version in versions else None
 
 
 def _load_data(args: argparse.Namespace, info: DistInfo) -> tuple[Path, mnist_data.Split, mnist_data.Split]:
@@ -306,13 +328,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     info = DistInfo.from_env()
 
-    existing = _existing_export(args) if args.skip_if_exists else None
-    if existing is not None:
+    existing = _existing_export(args.output_dir, args.version)
+    if args.skip_if_exists and existing is not None:
         if info.is_main:
             log.info("--skip-if-exists: %s is already exported; nothing to do", existing)
         return {"framework": "pytorch", "skipped": True, "export_path": str(existing), "version": int(existing.name)}
-
-    device = select_device(args.device)
+    if args.version is not None and existing is not None:
+        # Checked before training, not minutes later when the export would fail.
+        parser.error(
+            f"--version {args.version}: {existing} already exists and versions are immutable; "
+            "pass another --version, omit it for the next free one, or add --skip-if-exists"
+        )
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir {args.data_dir}: not a directory (expected the folder with the four MNIST .gz files)")
+    try:
+        device = select_device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)

@@ -1,0 +1,185 @@
+"""The PyTorch trainer end to end: --quick export, TensorBoard logs, flags, and DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_client import contract
+from serving.model_repository import list_versions
+from training import mnist_data, train_torch
+from training.model_torch import predict_numpy
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DDP_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
+    """One --quick training run shared by the tests below: (summary, models root, log root)."""
+    models, logs = tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("runs")
+    summary = train_torch.main(["--quick", "--output-dir", str(models), "--log-dir", str(logs), "--version", "3"])
+    return summary, models, logs
+
+
+def test_quick_run_exports_a_verified_model_with_metadata(
+    quick_run: tuple[dict[str, Any], Path, Path], mnist_test: mnist_data.Split
+) -> None:
+    summary, models, _ = quick_run
+    export = models / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME / "3"
+    assert summary["export_path"] == str(export) and summary["version"] == 3 and not summary["skipped"]
+    assert sorted(p.name for p in export.iterdir()) == [contract.METADATA_FILENAME, contract.TORCHSCRIPT_FILENAME]
+
+    meta = json.loads((export / contract.METADATA_FILENAME).read_text())
+    assert meta["version"] == 3 and meta["framework"] == "pytorch" and meta["format"] == "torchscript"
+    assert meta["signature"] == contract.signature()
+    assert meta["test_examples"] == train_torch.QUICK_TEST_EXAMPLES
+    assert meta["test_accuracy"] >= 0.85, "quick mode should be clearly above chance"
+    assert meta["test_accuracy"] == summary["test_accuracy"]
+    assert meta["data_checksum"] == mnist_data.dataset_checksum(mnist_data.resolve_data_dir())
+    assert meta["epochs"] == 1 and meta["world_size"] == 1 and meta["device"] == "cpu"
+    assert meta["train_examples"] == train_torch.QUICK_TRAIN_EXAMPLES
+    assert meta["train_seconds"] > 0 and meta["images_per_second"] > 0
+    assert meta["hyperparameters"]["optimizer"] == "adam" and meta["hyperparameters"]["quick"] is True
+
+    # The TorchScript file alone (no Python model code) reproduces the recorded accuracy.
+    loaded = torch.jit.load(str(export / contract.TORCHSCRIPT_FILENAME), map_location="cpu").eval()
+    n = train_torch.QUICK_TEST_EXAMPLES
+    probabilities, classes = predict_numpy(loaded, mnist_test.scaled()[:n])
+    assert probabilities.dtype == contract.PROBABILITIES_DTYPE and classes.dtype == contract.CLASSES_DTYPE
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert float(np.mean(classes == mnist_test.labels[:n])) == pytest.approx(meta["test_accuracy"])
+
+
+def test_quick_run_writes_tensorboard_scalars_histograms_and_samples(
+    quick_run: tuple[dict[str, Any], Path, Path], mnist_test: mnist_data.Split
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, logs = quick_run
+    runs = list((logs / contract.TORCH_FRAMEWORK_DIR).iterdir())
+    assert len(runs) == 1 and list(runs[0].glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(runs[0]), size_guidance={"tensors": 0}).Reload()
+    tags = events.Tags()
+    for scalar in ("loss/train", "loss/test", "accuracy/train", "accuracy/test", "learning_rate"):
+        assert scalar in tags["scalars"], f"missing scalar {scalar}; have {tags['scalars']}"
+    test_accuracy = events.Scalars("accuracy/test")
+    assert [e.step for e in test_accuracy] == [1] and test_accuracy[0].value >= 0.85
+    assert "weights/conv1.weight" in tags["histograms"] and "weights/fc2.bias" in tags["histograms"]
+    assert "samples/test_images" in tags["images"]
+    image = events.Images("samples/test_images")[0]
+    assert image.width * image.height == contract.IMAGE_WIDTH * contract.IMAGE_HEIGHT * train_torch.SAMPLE_IMAGES
+    assert "samples/predictions/text_summary" in tags["tensors"]
+    table = events.Tensors("samples/predictions/text_summary")[0].tensor_proto.string_val[0].decode()
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line[:3] in {f"| {i}" for i in range(10)}]
+    assert [int(row[2]) for row in rows] == mnist_test.labels[: train_torch.SAMPLE_IMAGES].tolist()  # true labels
+    assert all(0 <= int(row[1]) < contract.NUM_CLASSES for row in rows)  # predictions
+
+
+def test_skip_if_exists_does_nothing_when_a_version_is_exported(
+    quick_run: tuple[dict[str, Any], Path, Path], tmp_path: Path
+) -> None:
+    _, models, _ = quick_run
+    base = models / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME
+    for extra in ([], ["--version", "3"]):
+        flags = ["--skip-if-exists", "--output-dir", str(models), "--log-dir", str(tmp_path), *extra]
+        summary = train_torch.main(flags)
+        assert summary == {"framework": "pytorch", "skipped": True, "export_path": str(base / "3"), "version": 3}
+    assert list_versions(base) == [3]
+    assert not (tmp_path / contract.TORCH_FRAMEWORK_DIR).exists()  # not even a TensorBoard run
+
+
+def test_existing_version_is_refused_before_training(
+    quick_run: tuple[dict[str, Any], Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, models, _ = quick_run
+    with pytest.raises(SystemExit) as excinfo:
+        train_torch.main(["--quick", "--output-dir", str(models), "--version", "3"])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "--version 3:" in err and "already exists and versions are immutable" in err
+
+
+def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        train_torch.main(["--help"])
+    assert excinfo.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for expected in (
+        "--epochs EPOCHS passes over the training set (default: 3)",
+        "(default: 128)",
+        "(default: adam)",
+        "(default: 0.003 for adam, 0.05 for sgd)",
+        "(default: 1)",
+        "(default: auto)",
+        "$MNIST_DATA_DIR",
+        f"(default: {REPO_ROOT / 'models'})",
+        f"(default: {REPO_ROOT / 'runs'})",
+        "(default: next free)",
+        "--quick",
+        "--skip-if-exists",
+    ):
+        assert expected in text, f"{expected!r} not in --help output"
+    assert "default: None" not in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "argument --epochs: 0: expected a positive integer"),
+        (["--batch-size", "-8"], "argument --batch-size: -8: expected a positive integer"),
+        (["--lr", "nan"], "argument --lr: nan: expected a positive number"),
+        (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+        (["--device", "tpu"], "argument --device: 'tpu': expected auto, cpu, cuda or cuda:N"),
+        (["--version", "0"], "argument --version: 0: expected a positive integer"),
+        (["--data-dir", "/nonexistent/mnist"], "--data-dir /nonexistent/mnist: not a directory"),
+        (["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate 0.1"),
+    ],
+)
+def test_bad_flags_give_clear_errors(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        train_torch.main(["--quick", "--output-dir", str(tmp_path), *flags])
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_torch.main(["--quick", "--output-dir", str(tmp_path), "--device", "cuda"])
+    assert "--device: device 'cuda' requested but CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_with_ddp_and_rank0_exports(tmp_path: Path) -> None:
+    models, logs = tmp_path / "models", tmp_path / "runs"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "training.train_torch", "--quick", "--output-dir", str(models), "--log-dir", str(logs),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "world size 2" in output
+
+    export = models / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME / "1"
+    meta = json.loads((export / contract.METADATA_FILENAME).read_text())
+    assert meta["world_size"] == 2 and meta["device"] == "cpu"
+    assert meta["hyperparameters"]["global_batch_size"] == 2 * meta["hyperparameters"]["batch_size"]
+    assert meta["test_accuracy"] >= 0.7  # each process saw half of the quick subset
+    assert list_versions(export.parent) == [1]  # only rank 0 exported
+    assert len(list((logs / contract.TORCH_FRAMEWORK_DIR).iterdir())) == 1  # only rank 0 logged
