@@ -135,12 +135,9 @@ class Cluster:
     """Where this process stands: the strategy, and whether it publishes the results."""
 
     strategy: tf.distribute.Strategy
+    name: str
     is_chief: bool
     num_workers: int
-
-    @property
-    def name(self) -> str:
-        return type(self.strategy).__name__
 
     @property
     def replicas(self) -> int:
@@ -150,36 +147,47 @@ class Cluster:
 def select_devices(device: str) -> list[tf.config.PhysicalDevice]:
     """Restrict TensorFlow to the requested devices; returns the GPUs it may use."""
     gpus = tf.config.list_physical_devices("GPU")
-    if device == "cpu":
-        if gpus:
-            tf.config.set_visible_devices([], "GPU")  # must happen before TensorFlow initialises them
-        return []
     if device in ("gpu", "cuda") and not gpus:
         raise RuntimeError(f"--device {device} requested but TensorFlow sees no GPU; use --device auto or cpu")
+    if device == "cpu" and gpus:
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError as exc:
+            raise RuntimeError("--device cpu must be applied before TensorFlow initialises its devices") from exc
+        return []
     return gpus
 
 
+def parse_tf_config(raw: str) -> tuple[dict[str, list[str]], str, int]:
+    """``TF_CONFIG`` -> (cluster, task type, task index), with a clear error when it is malformed."""
+    example = '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}'
+    try:
+        config = json.loads(raw)
+        cluster, task = config["cluster"], config["task"]
+        task_type, task_index = str(task["type"]), int(task["index"])
+        members = cluster.get("chief", []) + cluster.get("worker", [])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"TF_CONFIG is not valid ({exc!r}); expected JSON like {example}") from exc
+    if not members or task_type not in cluster or not 0 <= task_index < len(cluster[task_type]):
+        raise ValueError(
+            f"TF_CONFIG task {task_type}:{task_index} is not in its cluster {cluster}; expected JSON like {example}"
+        )
+    return cluster, task_type, task_index
+
+
 def make_cluster(gpus: list[tf.config.PhysicalDevice]) -> Cluster:
-    """MultiWorkerMirrored with TF_CONFIG, Mirrored on several GPUs, else the default strategy."""
-    if os.environ.get("TF_CONFIG"):
-        try:
-            tf_config = json.loads(os.environ["TF_CONFIG"])
-            workers = tf_config["cluster"]["worker"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
-                f"TF_CONFIG is not valid: {exc!r}; expected JSON like "
-                '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
-            ) from exc
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        resolver = strategy.cluster_resolver
-        task_type, task_id = resolver.task_type, resolver.task_id
-        has_chief = "chief" in resolver.cluster_spec().as_dict()
+    """MultiWorkerMirrored with TF_CONFIG, Mirrored on several local GPUs, else the default strategy."""
+    raw = os.environ.get("TF_CONFIG")
+    if raw:
+        cluster, task_type, task_index = parse_tf_config(raw)
         # The chief publishes; without a "chief" task, worker 0 is the chief.
-        is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
-        return Cluster(strategy, is_chief, num_workers=len(workers) + int(has_chief))
+        is_chief = task_type == "chief" or (task_type == "worker" and task_index == 0 and "chief" not in cluster)
+        num_workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        return Cluster(strategy, "MultiWorkerMirroredStrategy", is_chief, num_workers)
     if len(gpus) > 1:
-        return Cluster(tf.distribute.MirroredStrategy(), is_chief=True, num_workers=1)
-    return Cluster(tf.distribute.get_strategy(), is_chief=True, num_workers=1)
+        return Cluster(tf.distribute.MirroredStrategy(), "MirroredStrategy", is_chief=True, num_workers=1)
+    return Cluster(tf.distribute.get_strategy(), "default", is_chief=True, num_workers=1)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     existing = existing_export(args)
     if existing is not None and args.skip_if_exists:
         log.info("--skip-if-exists: %s is already exported, nothing to do", existing)
-        return {"skipped": True, "export_path": str(existing), "version": int(existing.name)}
+        return {"framework": "tensorflow", "skipped": True, "export_path": str(existing), "version": int(existing.name)}
     if existing is not None and args.version is not None:
         raise FileExistsError(
             f"{existing} already exists and versions are immutable; "
@@ -388,7 +396,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, test = mnist_data.load_mnist(data_dir)
     if args.quick:
         train, test = subset(train, QUICK_TRAIN_EXAMPLES), subset(test, QUICK_TEST_EXAMPLES)
-
     global_batch = args.batch_size * cluster.replicas
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
@@ -398,15 +405,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     train_ds = make_dataset(train, global_batch, shuffle=True, seed=args.seed, drop_remainder=True)
     test_ds = make_dataset(test, EVAL_BATCH_SIZE, shuffle=False, seed=args.seed, drop_remainder=False)
-
     trainer = Trainer(cluster, args, global_batch, total_steps=steps_per_epoch * args.epochs)
+
     name = run_name(args)
     run_dir = args.log_dir / contract.TF_FRAMEWORK_DIR / name
-    # Only the chief writes TensorBoard logs.
-    tensorboard = TensorBoardLog(run_dir, test.images[:SAMPLE_IMAGES], test.labels[:SAMPLE_IMAGES]) if cluster.is_chief else None
-
+    tensorboard = (  # only the chief writes TensorBoard logs
+        TensorBoardLog(run_dir, test.images[:SAMPLE_IMAGES], test.labels[:SAMPLE_IMAGES]) if cluster.is_chief else None
+    )
     log.info(
-        "training %d epoch(s) on %d images: %s, %d replica(s) on %d worker(s), global batch %d, %s lr %g",
+        "training %d epoch(s) on %d images: %s strategy, %d replica(s) on %d worker(s), global batch %d, %s lr %g",
         args.epochs,
         len(train),
         cluster.name,
@@ -417,36 +424,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.lr,
     )
     started = time.perf_counter()
-    epochs: list[EpochResult] = []
-    for epoch in range(1, args.epochs + 1):
-        lr = trainer.learning_rate
-        result = trainer.train_epoch(train_ds, epoch, args.log_interval)
-        evaluation = trainer.evaluate(test_ds)
-        epochs.append(result)
-        log.info(
-            "epoch %d/%d  loss %.4f  accuracy %.4f  test loss %.4f  test accuracy %.4f  lr %.2e  %.0f images/s",
-            epoch,
-            args.epochs,
-            result.loss,
-            result.accuracy,
-            evaluation.loss,
-            evaluation.accuracy,
-            lr,
-            result.images_per_second,
-        )
-        if tensorboard:
-            tensorboard.write_epoch(epoch, trainer.model, result, evaluation, lr)
+    epochs, evaluation = fit(trainer, train_ds, test_ds, args.epochs, args.log_interval, tensorboard)
     train_seconds = time.perf_counter() - started
-    if tensorboard:
-        tensorboard.close()
     images_per_second = sum(e.examples for e in epochs) / sum(e.seconds for e in epochs)
-    test_accuracy = evaluation.accuracy
 
     metadata = {
         "data_checksum": mnist_data.dataset_checksum(data_dir),
         "train_seconds": round(train_seconds, 2),
         "images_per_second": round(images_per_second, 1),
         "epochs": args.epochs,
+        "train_examples": len(train),
+        "quick": args.quick,
         "hyperparameters": {
             "batch_size": args.batch_size,
             "global_batch_size": global_batch,
@@ -456,8 +444,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **({"momentum": args.momentum} if args.optimizer == "sgd" else {}),
             "seed": args.seed,
         },
-        "train_examples": len(train),
-        "quick": args.quick,
         "strategy": cluster.name,
         "replicas": cluster.replicas,
         "workers": cluster.num_workers,
@@ -468,8 +454,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "framework": "tensorflow",
         "skipped": False,
-        "test_accuracy": float(test_accuracy),
-        "test_examples": len(test),
+        "test_accuracy": evaluation.accuracy,
+        "test_examples": evaluation.examples,
         "train_seconds": train_seconds,
         "images_per_second": images_per_second,
         "epochs": args.epochs,
@@ -482,14 +468,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tensorboard_dir": str(run_dir) if cluster.is_chief else None,
     }
     log.info(
-        "done: test accuracy %.4f on %d images, %.1f s training, %.0f images/s, exported to %s",
-        summary["test_accuracy"],
-        summary["test_examples"],
+        "summary: test accuracy %.4f on %d images after %d epoch(s); %.1f s training at %.0f images/s; %s",
+        evaluation.accuracy,
+        evaluation.examples,
+        args.epochs,
         train_seconds,
         images_per_second,
-        summary["export_path"] or "(not the chief: nothing published)",
+        f"exported to {export_path}" if export_path else "not the chief, nothing published",
     )
     return summary
+
+
+def fit(
+    trainer: Trainer,
+    train_ds: tf.data.Dataset,
+    test_ds: tf.data.Dataset,
+    epochs: int,
+    log_interval: int,
+    tensorboard: TensorBoardLog | None,
+) -> tuple[list[EpochResult], EpochResult]:
+    """Train for ``epochs``, evaluating on the test set after each; returns (per-epoch results, last evaluation)."""
+    results = []
+    try:
+        for epoch in range(1, epochs + 1):
+            lr = trainer.learning_rate  # at the start of the epoch; the schedule decays it per step
+            result = trainer.train_epoch(train_ds, epoch, log_interval)
+            evaluation = trainer.evaluate(test_ds)
+            results.append(result)
+            log.info(
+                "epoch %d/%d  loss %.4f  accuracy %.4f  test loss %.4f  test accuracy %.4f  lr %.2e  %.0f images/s",
+                epoch,
+                epochs,
+                result.loss,
+                result.accuracy,
+                evaluation.loss,
+                evaluation.accuracy,
+                lr,
+                result.images_per_second,
+            )
+            if tensorboard:
+                tensorboard.write_epoch(epoch, trainer.model, result, evaluation, lr)
+    finally:
+        if tensorboard:
+            tensorboard.close()
+    return results, evaluation
 
 
 def export(
