@@ -120,14 +120,13 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
             raise ConfigError(f"--label {item!r}: expected KEY=VALUE")
         labels[key] = value
     open_loop = args.rate is not None
-    duration = args.duration if args.duration is not None else (None if args.requests is not None else 10.0)
     return LoadTestConfig(
         targets=tuple(targets),
         mode="open" if open_loop else "closed",
         concurrency=() if open_loop else parse_list(args.concurrency, int, "--concurrency"),
         rates=parse_list(args.rate, float, "--rate") if open_loop else (),
         max_in_flight=args.max_in_flight,
-        duration_s=duration,
+        duration_s=args.duration,
         requests=args.requests,
         warmup_requests=args.warmup,
         images_per_request=args.images_per_request,

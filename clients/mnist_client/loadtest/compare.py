@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mnist_client.loadtest.config import ConfigError
+from mnist_client.loadtest.errors import ConfigError
 from mnist_client.loadtest.report import Report
+from mnist_client.loadtest.stats import Measurement
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Comparison:
         }
 
 
-def _metrics(report: Report, m) -> dict[str, float]:
+def _metrics(m: Measurement) -> dict[str, float]:
     latency = m.latency_ms()
     return {
         "p50_ms": latency["p50"],
@@ -91,9 +92,9 @@ def compare_reports(baseline: Report, candidate: Report, limits: CompareLimits |
         if key not in cand:
             continue
         change = Change(target=key[0], mode=key[1], point=key[2],
-                        baseline=_metrics(baseline, m), candidate=_metrics(candidate, cand[key]))
+                        baseline=_metrics(m), candidate=_metrics(cand[key]))
         changes.append(change)
-        where = f"{key[0]} at {key[1]} {key[2]:g}"
+        where = f"{key[0]} at {'concurrency' if key[1] == 'closed' else 'rate'} {key[2]:g}"
         for metric, limit in (("p50_ms", limits.max_p50_increase_pct), ("p99_ms", limits.max_p99_increase_pct)):
             ratio = change.ratio(metric)
             if limit is not None and ratio is not None and ratio > 1 + limit / 100:

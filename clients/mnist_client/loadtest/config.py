@@ -37,6 +37,7 @@ MNIST_TEST_IMAGES = 10_000
 # More in-flight requests than this per run is a misconfiguration, not a load test of this server.
 MAX_IN_FLIGHT_LIMIT = 65_536
 MAX_PROCESSES = 256
+DEFAULT_DURATION_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def parse_target(spec: str, protocol: Protocol) -> Target:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"{protocol} target {spec!r}: expected [NAME=]ADDRESS")
     name, sep, address = spec.partition("=")
-    if not sep:
+    if not sep or "/" in name or ":" in name:  # no NAME= prefix (an '=' inside a URL is not one)
         name, address = protocol, spec
     return Target(name=name.strip(), protocol=protocol, address=address.strip())
 
@@ -156,7 +157,7 @@ class LoadTestConfig:
     concurrency: tuple[int, ...] = (1,)  # closed loop: the sweep; ignored in open loop
     rates: tuple[float, ...] = ()  # open loop: the sweep, requests per second
     max_in_flight: int = 256  # open loop: outstanding requests beyond this wait (and their wait is counted)
-    duration_s: float | None = 10.0  # per (target, sweep point); None when ``requests`` is given
+    duration_s: float | None = None  # per (target, sweep point); DEFAULT_DURATION_S unless ``requests`` is given
     requests: int | None = None  # per (target, sweep point), instead of a duration
     warmup_requests: int = 20  # per (target, sweep point), sent before measuring, never counted
     images_per_request: int = 1
@@ -175,6 +176,8 @@ class LoadTestConfig:
         object.__setattr__(self, "rates", tuple(self.rates))
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.duration_s is None and self.requests is None:
+            object.__setattr__(self, "duration_s", DEFAULT_DURATION_S)
         self._validate()
 
     def _validate(self) -> None:
@@ -200,9 +203,9 @@ class LoadTestConfig:
                 if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
                     raise ConfigError(f"rate {rate!r}: expected a finite number of requests per second > 0")
             _check_int("max_in_flight", self.max_in_flight, 1, MAX_IN_FLIGHT_LIMIT)
-        if (self.duration_s is None) == (self.requests is None):
+        if self.duration_s is not None and self.requests is not None:
             raise ConfigError(
-                f"give exactly one of duration_s and requests (got duration_s={self.duration_s!r}, "
+                f"give either duration_s or requests, not both (got duration_s={self.duration_s!r}, "
                 f"requests={self.requests!r})"
             )
         if self.duration_s is not None:

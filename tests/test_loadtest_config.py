@@ -1,0 +1,126 @@
+"""Settings: impossible values and malformed addresses fail early with messages that say what to give."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from mnist_client.loadtest import ConfigError, LoadTestConfig, Thresholds, parse_target
+from mnist_client.loadtest.cli import EXIT_USAGE, main
+from mnist_client.loadtest.config import parse_list
+from mnist_client.loadtest.errors import DataError
+from mnist_client.loadtest.payload import find_mnist_dir, load_test_set
+
+REST = parse_target("http://127.0.0.1:8080", "rest")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(mode="open", rates=(0,)), r"rate 0: expected a finite number of requests per second > 0"),
+        (dict(mode="open", rates=(-5.0,)), r"rate -5.0"),
+        (dict(mode="open", rates=()), r"open loop needs at least one rate"),
+        (dict(duration_s=-1.0), r"duration_s -1.0: expected a number of seconds > 0"),
+        (dict(duration_s=0), r"duration_s 0"),
+        (dict(duration_s=1.0, requests=10), r"either duration_s or requests, not both"),
+        (dict(concurrency=(0,)), r"concurrency 0: expected an integer in 1\.\.65536"),
+        (dict(concurrency=(2.5,)), r"concurrency 2.5: expected an integer"),
+        (dict(requests=0), r"requests 0: expected an integer >= 1"),
+        (dict(timeout_s=0), r"timeout_s 0: expected a number of seconds > 0"),
+        (dict(images_per_request=0), r"images_per_request 0"),
+        (dict(images_per_request=20, distinct_images=10), r"distinct_images 10 is smaller than images_per_request"),
+        (dict(rest_format="xml"), r"rest_format 'xml'; expected one of \('json', 'npy'\)"),
+        (dict(targets=()), r"no target given"),
+        (dict(targets=(REST, REST)), r"target names \['rest', 'rest'\] repeat"),
+        (dict(mode="sideways"), r"mode 'sideways'"),
+    ],
+)
+def test_impossible_settings_are_rejected(settings, message):
+    full = {"targets": (REST,), **settings}
+    with pytest.raises(ConfigError, match=message):
+        LoadTestConfig(**full)
+
+
+@pytest.mark.parametrize(
+    ("spec", "protocol", "message"),
+    [
+        ("ftp://host:21", "rest", r"scheme 'ftp'; expected http://HOST"),
+        ("https://host", "rest", r"uses https"),
+        ("http://:8080", "rest", r"has no host"),
+        ("http://host:99999", "rest", r"bad URL"),
+        ("http://host:8080/?q=1", "rest", r"query"),
+        ("localhost", "grpc", r"has no host or no port; expected HOST:PORT"),
+        ("host:http", "grpc", r"port 'http' .* is not in 1\.\.65535"),
+        ("http://host:8500", "grpc", r"is not HOST:PORT"),
+        ("[zz]:8500", "grpc", r"not an IPv6 address"),
+        ("bad name=http://h:1", "rest", r"target name 'bad name'"),
+    ],
+)
+def test_bad_addresses_are_rejected(spec, protocol, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_target(spec, protocol)
+
+
+def test_good_addresses():
+    rest = parse_target("torch=http://10.0.0.1:8080/prefix/", "rest")
+    assert (rest.name, rest.host, rest.port, rest.path_prefix) == ("torch", "10.0.0.1", 8080, "/prefix")
+    assert parse_target("http://example", "rest").port == 80
+    grpc = parse_target("tfs=dns:///svc.ns.svc.cluster.local:8500", "grpc")
+    assert (grpc.name, grpc.host, grpc.port, grpc.grpc_target) == (
+        "tfs", "svc.ns.svc.cluster.local", 8500, "dns:///svc.ns.svc.cluster.local:8500")
+    assert parse_target("grpc://[::1]:8500", "grpc").grpc_target == "[::1]:8500"
+
+
+def test_defaults_and_sweeps():
+    config = LoadTestConfig(targets=(REST,), concurrency=[1, 16])
+    assert config.duration_s == 10.0 and config.requests is None
+    assert config.points == (1, 16)
+    assert LoadTestConfig(targets=(REST,), requests=5).duration_s is None
+    open_loop = LoadTestConfig(targets=(REST,), mode="open", rates=(100, 2500.5))
+    assert open_loop.points == (100.0, 2500.5) and open_loop.in_flight(100.0) == 256
+    assert parse_list("1, 4,16", int, "--concurrency") == (1, 4, 16)
+    with pytest.raises(ConfigError, match=r"--concurrency '1,,4': expected a comma-separated list"):
+        parse_list("1,,4", int, "--concurrency")
+    with pytest.raises(ConfigError, match=r"--rate 'fast': expected a comma-separated list of floats"):
+        parse_list("fast", float, "--rate")
+
+
+def test_thresholds_are_validated():
+    with pytest.raises(ConfigError, match=r"max_error_rate 2: expected a fraction between 0 and 1"):
+        Thresholds(max_error_rate=2)
+    with pytest.raises(ConfigError, match=r"max_p99_ms -1"):
+        Thresholds(max_p99_ms=-1)
+    assert not Thresholds().any() and Thresholds(min_accuracy=0.9).any()
+
+
+def test_mnist_files_are_found_or_named(tmp_path: Path, monkeypatch):
+    assert load_test_set(limit=3).images.shape == (3, 28, 28)
+    with pytest.raises(DataError, match=r"lacks the MNIST test files; expected t10k-images-idx3-ubyte.gz"):
+        find_mnist_dir(tmp_path)
+    monkeypatch.setenv("MNIST_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=str(tmp_path)):
+        load_test_set()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 12)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x00")
+    with pytest.raises(DataError, match=r"IDX magic number 2049, expected 2051"):
+        load_test_set()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--rest", "http://127.0.0.1:1", "--rate", "0"], "rate 0.0: expected a finite number"),
+        (["run", "--rest", "http://127.0.0.1:1", "--duration", "-3"], "duration_s -3.0"),
+        (["run", "--rest", "localhost:8080"], "scheme 'localhost'"),
+        (["run", "--grpc", "127.0.0.1"], "has no host or no port"),
+        (["run"], "no target given; expected --rest URL and/or --grpc HOST:PORT"),
+        (["run", "--rest", "http://127.0.0.1:1", "--concurrency", "0"], "concurrency 0"),
+        (["run", "--rest", "http://127.0.0.1:1", "--max-error-rate", "5"], "max_error_rate 5.0"),
+        (["compare", "a.json", "b.json", "--max-p99-increase", "-1"], "max_p99_increase_pct -1.0"),
+    ],
+)
+def test_cli_rejects_bad_settings_with_exit_status_2(argv, message, capsys):
+    assert main(argv, out=io.StringIO()) == EXIT_USAGE
+    assert message in capsys.readouterr().err
