@@ -140,6 +140,8 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
         (["--device", "tpu"], "argument --device: 'tpu': expected auto, cpu, cuda or cuda:N"),
         (["--version", "0"], "argument --version: 0: expected a positive integer"),
+        (["--optimizer", "sgd", "--momentum", "1.5"], "--momentum 1.5: expected a value in [0, 1)"),
+        (["--momentum", "0.5"], "--momentum applies to --optimizer sgd only"),
         (["--data-dir", "/nonexistent/mnist"], "--data-dir /nonexistent/mnist: not a directory"),
         (["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate 0.1"),
     ],

@@ -185,8 +185,9 @@ class EpochStats:
 
 def normalize(images: np.ndarray) -> torch.Tensor:
     """uint8 ``[N, 28, 28]`` -> float32 ``[N, 1, 28, 28]`` normalised as the network expects."""
-    x = torch.tensor(images, dtype=torch.float32).div_(contract.PIXEL_SCALE)  # a copy; the loader's is read-only
-    return ((x - contract.NORMALIZE_MEAN) / contract.NORMALIZE_STD).unsqueeze(1)
+    x = torch.tensor(images, dtype=torch.float32)  # a copy (the loader's array is read-only), then in place
+    x.div_(contract.PIXEL_SCALE).sub_(contract.NORMALIZE_MEAN).div_(contract.NORMALIZE_STD)
+    return x.unsqueeze(1)
 
 
 def _all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
@@ -325,6 +326,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs = 1
+    if not 0.0 <= args.momentum < 1.0:
+        parser.error(f"--momentum {args.momentum}: expected a value in [0, 1)")
+    if args.optimizer == "adam" and args.momentum != parser.get_default("momentum"):
+        parser.error("--momentum applies to --optimizer sgd only")
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     info = DistInfo.from_env()
 
@@ -367,9 +372,9 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     net = Net().to(device)
     torch.manual_seed(args.seed + info.rank)  # but independent dropout masks per process
-    model: nn.Module = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if (
-        info.enabled
-    ) else net
+    model: nn.Module = net
+    if info.enabled:  # all-reduces gradients during backward()
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     if args.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(net.parameters(), lr=lr)
