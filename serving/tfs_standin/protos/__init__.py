@@ -1,0 +1,1 @@
+"""Generated protobuf modules for the stand-in (see config.proto)."""
