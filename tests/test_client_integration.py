@@ -1,0 +1,179 @@
+"""The clients against the real servers, with models exported by the real training code.
+
+- the PyTorch REST server under gunicorn (subprocess, free port), plain and with HTTPS + bearer token;
+- the TF Serving stand-in (gRPC, and its TF-Serving-style REST API when it has one), in process.
+
+Predictions on real MNIST test images must be accurate and agree across the REST encodings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_port
+from mnist_client import contract
+from mnist_client.errors import InvalidInputError, ServerError
+from mnist_client.rest import NPY_CONTENT_TYPE, RestClient
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_ACCURACY = 0.8  # the fixture models are quick-trained; chance is 0.1
+IMAGES = 200
+
+pytestmark = pytest.mark.slow
+
+
+class Gunicorn:
+    """The PyTorch REST server as deployed: gunicorn with serving/torch_server/gunicorn_conf.py."""
+
+    def __init__(self, models_root: Path, log_path: Path, **env: str) -> None:
+        self.port = free_port()
+        environment = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'clients'}",
+            "MNIST_REST_HOST": "127.0.0.1",
+            "MNIST_REST_PORT": str(self.port),
+            "MNIST_REST_WORKERS": "1",
+            "MNIST_REST_MODEL_BASE_PATH": str(models_root / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME),
+            "MNIST_REST_MAX_BATCH": "256",
+            "MNIST_REST_DEVICE": "cpu",
+            "MNIST_REST_ACCESS_LOG": "off",
+            **env,
+        }
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(REPO / "serving/torch_server/gunicorn_conf.py"),
+             "serving.torch_server.app:create_app()"],
+            cwd=REPO, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        scheme = "https" if "MNIST_REST_TLS_CERT" in env else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def mnist_images(test_images) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = test_images
+    uint8 = np.rint(images[:IMAGES] * contract.PIXEL_SCALE).astype(np.uint8)
+    return uint8, labels[:IMAGES]
+
+
+@pytest.fixture(scope="module")
+def rest_server(model_repo, tmp_path_factory):
+    server = Gunicorn(model_repo, tmp_path_factory.mktemp("gunicorn") / "server.log")
+    try:
+        with RestClient(server.url) as client:
+            try:
+                client.wait_until_ready(timeout=90)
+            except Exception:
+                pytest.fail(f"the REST server did not get ready:\n{server.log()}")
+        yield server
+    finally:
+        server.stop()
+
+
+# -- PyTorch REST server ----------------------------------------------------------------------------------
+
+
+def test_rest_json_and_npy_predictions_are_accurate_and_identical(rest_server, mnist_images):
+    images, labels = mnist_images
+    with RestClient(rest_server.url, binary=False) as json_client, RestClient(rest_server.url, binary=True) as npy_client:
+        by_json = json_client.predict(images)
+        by_npy = npy_client.predict(images)
+        one = json_client.predict(images[0])
+        floats = npy_client.predict(images[:8].astype(np.float32) / 255)
+    assert by_json.model_version == by_npy.model_version == 1
+    np.testing.assert_array_equal(by_json.classes, by_npy.classes)
+    np.testing.assert_allclose(by_json.probabilities, by_npy.probabilities, atol=1e-6)
+    np.testing.assert_allclose(by_json.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert float(np.mean(by_json.classes == labels)) >= MIN_ACCURACY
+    assert one.classes[0] == by_json.classes[0]
+    np.testing.assert_array_equal(floats.classes, by_json.classes[:8])
+
+
+def test_rest_auto_uses_npy_for_large_batches_on_the_pytorch_server(rest_server, mnist_images):
+    images, _ = mnist_images
+    with RestClient(rest_server.url, binary="auto", binary_threshold=16) as client:
+        assert client.prepare(images[:16]).content_type == NPY_CONTENT_TYPE
+        assert client.prepare(images[:15]).content_type == "application/json"
+        assert len(client.predict(images[:64])) == 64
+
+
+def test_rest_metadata_status_and_readiness(rest_server):
+    with RestClient(rest_server.url) as client:
+        assert client.ready()
+        metadata = client.metadata()
+        assert metadata.matches_contract(), metadata.signature()
+        statuses = client.model_status()
+        assert [(s.version, s.state) for s in statuses] == [(1, "AVAILABLE")]
+
+
+def test_rest_server_errors_carry_status_and_the_servers_message(rest_server, mnist_images):
+    images, _ = mnist_images
+    with RestClient(rest_server.url, model_version=42) as client, pytest.raises(ServerError) as caught:
+        client.predict(images[:1])
+    assert caught.value.status == 404 and caught.value.code == "NOT_FOUND" and caught.value.server_message
+    with RestClient(rest_server.url, binary=True) as client, pytest.raises(ServerError) as caught:
+        client.predict(np.zeros((257, 28, 28), np.uint8))  # MNIST_REST_MAX_BATCH=256
+    assert 400 <= caught.value.status < 500 and "256" in caught.value.server_message
+    with RestClient(rest_server.url) as client, pytest.raises(InvalidInputError):
+        client.predict(np.full((1, 28, 28), 2.0))
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> dict[str, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("rest-tls")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    steps = [
+        ("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA"),
+        ("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=server"),
+        ("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "server.pem", "-days", "2", "-extfile", "san.ext"),
+    ]
+    for step in steps:
+        subprocess.run(["openssl", *step], cwd=d, check=True, capture_output=True, timeout=60)
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+def test_rest_https_and_bearer_token_against_the_real_server(model_repo, tls_files, mnist_images, tmp_path):
+    images, _ = mnist_images
+    server = Gunicorn(model_repo, tmp_path / "tls.log", MNIST_REST_TLS_CERT=str(tls_files["cert"]),
+                      MNIST_REST_TLS_KEY=str(tls_files["key"]), MNIST_REST_AUTH_TOKEN="integration-token")
+    try:
+        with RestClient(server.url, ca_file=tls_files["ca"], token="integration-token") as client:
+            try:
+                client.wait_until_ready(timeout=90)
+            except Exception:
+                pytest.fail(f"the HTTPS REST server did not get ready:\n{server.log()}")
+            assert client.predict(images[:4]).model_version == 1
+            assert client.metadata().matches_contract()
+        with RestClient(server.url, ca_file=tls_files["ca"]) as client:
+            assert client.ready()  # /readyz is open to probes without the token
+            with pytest.raises(ServerError) as caught:
+                client.predict(images[:1])
+        assert caught.value.status == 401 and "token" in caught.value.server_message
+    finally:
+        server.stop()
