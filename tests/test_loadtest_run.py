@@ -131,3 +131,20 @@ def test_unreachable_target_fails_fast_with_a_clear_error(protocol):
     address = f"http://127.0.0.1:{free_port()}" if protocol == "rest" else f"127.0.0.1:{free_port()}"
     with pytest.raises(TargetUnreachableError, match=rf"target '{protocol}' .*{address}.* is the server running"):
         run(config(parse_target(address, protocol), timeout_s=1.0))
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_open_loop_reports_intended_and_achieved_rate(test_set, protocol):
+    oracle = Oracle(test_set.images, test_set.labels)
+    server = RestServer(oracle, Behaviour(keep_alive=True)) if protocol == "rest" else GrpcServer(oracle)
+    with server:
+        address = server.url if protocol == "rest" else server.target
+        report = run(config(parse_target(address, protocol), mode="open", rates=(80.0,), requests=60, processes=2,
+                            max_in_flight=8))
+    (m,) = report.measurements
+    assert m.ok == 60 and m.scheduled == 60 and m.accuracy == 1.0
+    assert m.send_lag.count == 60  # every arrival's lateness is known
+    # 60 arrivals at 80/s take 0.74 s of schedule; a fast server keeps up with it.
+    assert 0.7 < m.elapsed_s < 2.0
+    assert m.summary()["intended_rps"] == 80.0
+    assert m.summary()["achieved_rps"] == pytest.approx(m.throughput_rps)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _START_DELAY_S = 0.05  # between telling workers the start time and that time
 _GRACE_S = 30.0  # a phase running this much past its expected end (plus the timeout) is stuck
+GENERATOR_BUSY_WARNING = 0.9  # share of a CPU a worker may use before the report calls it a bottleneck
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,8 @@ def _run_phase(
     deadline = None if expected_s is None else time.monotonic() + expected_s + config.timeout_s + _GRACE_S
     pending = set(indices)
     last_end_ns = start_ns
+    worker_cpu: list[float] = []
+    parent_cpu_start = time.process_time()
     aborted = False
     last_progress = 0.0
     try:
@@ -228,6 +231,7 @@ def _run_phase(
                 elif kind == "done":
                     pending.discard(message[1])
                     last_end_ns = max(last_end_ns, message[2])
+                    worker_cpu.append(message[3])
                 elif kind == "failed":
                     raise LoadTestError(f"worker {message[1]} failed while loading {target.name}:\n{message[2]}")
             if not aborted and ((stop is not None and stop.is_set()) or (deadline and time.monotonic() > deadline)):
@@ -246,7 +250,16 @@ def _run_phase(
             except OSError:
                 pass
         raise
-    measurement.windows.append((start_wall, start_wall + max(0, last_end_ns - start_ns) / 1e9))
+    elapsed_s = max(0, last_end_ns - start_ns) / 1e9
+    measurement.windows.append((start_wall, start_wall + elapsed_s))
+    # What the load generator itself cost: if a worker kept its CPU busy, it (not the server) set the pace.
+    measurement.generator_cpu_s += sum(worker_cpu) + (time.process_time() - parent_cpu_start)
+    if elapsed_s > 0 and worker_cpu:
+        measurement.generator_busy = max(measurement.generator_busy, max(worker_cpu) / elapsed_s)
+    if measurement.generator_busy > GENERATOR_BUSY_WARNING:
+        log.warning("%s at %g: a worker process used %.0f%% of a CPU; the load generator may be the bottleneck "
+                    "(more --processes, or a machine of its own)", target.name, point,
+                    100 * measurement.generator_busy)
     if progress is not None:
         progress(_progress(measurement, config, number, phases, start_ns, finished=True))
 

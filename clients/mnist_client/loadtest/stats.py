@@ -162,6 +162,8 @@ class Measurement:
     windows: list[tuple[float, float]] = field(default_factory=list)
     warmup_requests: int = 0
     warmup_errors: int = 0
+    generator_cpu_s: float = 0.0  # CPU time of the load tester's processes while measuring
+    generator_busy: float = 0.0  # the busiest worker's CPU time / elapsed time (near 1: tester-bound)
 
     @property
     def key(self) -> tuple[str, str, float]:
@@ -239,6 +241,8 @@ class Measurement:
         self.windows.extend(other.windows)
         self.warmup_requests += other.warmup_requests
         self.warmup_errors += other.warmup_errors
+        self.generator_cpu_s += other.generator_cpu_s
+        self.generator_busy = max(self.generator_busy, other.generator_busy)
 
     def summary(self) -> dict[str, Any]:
         """Derived figures (what tables, CSV and thresholds use)."""
@@ -257,6 +261,11 @@ class Measurement:
             "images_per_s": self.images_per_s,
             "accuracy": self.accuracy,
             "latency_ms": self.latency_ms(),
+            "generator": {
+                "cpu_s": self.generator_cpu_s,
+                "cpu_us_per_request": self.generator_cpu_s / self.requests * 1e6 if self.requests else None,
+                "busiest_worker_cpu_share": self.generator_busy,
+            },
         }
         if self.mode == "open":
             data["intended_rps"] = self.point
@@ -311,6 +320,8 @@ class Measurement:
                 windows=[(float(a), float(b)) for a, b in data["windows"]],
                 warmup_requests=int(data.get("warmup", {}).get("requests", 0)),
                 warmup_errors=int(data.get("warmup", {}).get("errors", 0)),
+                generator_cpu_s=float(data.get("generator", {}).get("cpu_s", 0.0)),
+                generator_busy=float(data.get("generator", {}).get("busiest_worker_cpu_share", 0.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ResultFileError(f"a result entry lacks or mangles {exc!s}; expected the fields a run writes") from exc

@@ -8,7 +8,7 @@ The parent talks to each over a pipe:
 - ``("target", name, spec)``: encoded requests for a target, sent once and kept;
 - ``("warmup", name, slots, count, first_payload)``: send ``count`` unmeasured calls, answer ``("warm", ...)``;
 - ``("measure", name, plan)``: wait for the common start time, run the plan, stream ``("records", batch)``
-  and finish with ``("done", worker, last_end_ns)``; an ``("abort",)`` meanwhile stops it early;
+  and finish with ``("done", worker, last_end_ns, cpu_seconds)``; an ``("abort",)`` meanwhile stops it early;
 - ``("exit",)``.
 
 Workers are fresh interpreters running :func:`main` joined to the parent by
@@ -167,9 +167,10 @@ class _Worker:
         if delay > 0:
             time.sleep(delay)
         sink.next_flush_ns = time.monotonic_ns()
+        cpu_start = time.process_time()  # all threads of this process (gRPC's included)
         last_end = engine.run(pacer, plan.slots, plan.first_payload, sink, record_lag=plan.mode == "open",
                               should_stop=self._should_stop)
-        self._conn.send(("done", self._index, last_end))
+        self._conn.send(("done", self._index, last_end, time.process_time() - cpu_start))
 
 
 def worker_main(conn: multiprocessing.connection.Connection, index: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mnist_client.loadtest.report import Report
+from mnist_client.loadtest.runner import GENERATOR_BUSY_WARNING
 from mnist_client.loadtest.stats import PERCENTILES, percentile_label
 
 
@@ -56,6 +57,12 @@ def format_table(report: Report) -> str:
             for kind, messages in m.error_examples.items():
                 for message in messages[:1]:
                     lines.append(f"                   e.g. [{kind}] {message}")
+    for m in report.measurements:
+        if m.generator_busy > GENERATOR_BUSY_WARNING:
+            lines.append(
+                f"warning          {m.target} at {m.point:g}: a load-tester process used {100 * m.generator_busy:.0f}% "
+                "of a CPU; the tester may have set the pace (raise --processes)"
+            )
     if any(m.mode == "open" for m in report.measurements):
         for m in report.measurements:
             lines.append(
