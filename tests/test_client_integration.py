@@ -8,6 +8,7 @@ Predictions on real MNIST test images must be accurate and agree across the REST
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,8 +21,10 @@ import pytest
 
 from conftest import free_port
 from mnist_client import contract
-from mnist_client.errors import InvalidInputError, ServerError
+from mnist_client.errors import InvalidInputError, ServerError, UnavailableError
+from mnist_client.grpc_client import GrpcClient
 from mnist_client.rest import NPY_CONTENT_TYPE, RestClient
+from mnist_client.retry import NO_RETRIES
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_ACCURACY = 0.8  # the fixture models are quick-trained; chance is 0.1
@@ -177,3 +180,82 @@ def test_rest_https_and_bearer_token_against_the_real_server(model_repo, tls_fil
         assert caught.value.status == 401 and "token" in caught.value.server_message
     finally:
         server.stop()
+
+
+# -- TF Serving stand-in (gRPC) ---------------------------------------------------------------------------
+
+
+def standin(model_repo: Path, **options):
+    from serving.tfs_standin.flags import ServerOptions
+    from serving.tfs_standin.server import ModelServer
+
+    base = model_repo / contract.TF_FRAMEWORK_DIR / contract.MODEL_NAME
+    return ModelServer(ServerOptions(port=0, standin_host="127.0.0.1", model_name=contract.MODEL_NAME,
+                                     model_base_path=str(base), **options))
+
+
+@pytest.fixture(scope="module")
+def grpc_server(model_repo):
+    with standin(model_repo) as server:
+        server.wait_until_available(timeout=120)
+        yield server
+
+
+def test_grpc_predictions_on_real_images_are_accurate(grpc_server, mnist_images):
+    images, labels = mnist_images
+    with GrpcClient(f"127.0.0.1:{grpc_server.port}") as client:
+        batch = client.predict(images)
+        singles = [client.predict(image) for image in images[:5]]
+        as_float_val = GrpcClient(f"127.0.0.1:{grpc_server.port}", use_tensor_content=False)
+        with as_float_val:
+            same = as_float_val.predict(images[:16])
+    assert batch.model_version == 1
+    assert float(np.mean(batch.classes == labels)) >= MIN_ACCURACY
+    np.testing.assert_allclose(batch.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert [s.classes[0] for s in singles] == batch.classes[:5].tolist()
+    np.testing.assert_array_equal(same.classes, batch.classes[:16])
+
+
+def test_grpc_predictions_agree_with_the_rest_server_mostly(grpc_server, rest_server, mnist_images):
+    """Two frameworks, two quick-trained models: they should agree on most real test images."""
+    images, _ = mnist_images
+    with GrpcClient(f"127.0.0.1:{grpc_server.port}") as grpc_client, RestClient(rest_server.url) as rest_client:
+        agreement = float(np.mean(grpc_client.predict(images).classes == rest_client.predict(images).classes))
+    assert agreement >= MIN_ACCURACY
+
+
+def test_grpc_metadata_status_readiness_and_errors(grpc_server, mnist_images):
+    images, _ = mnist_images
+    target = f"127.0.0.1:{grpc_server.port}"
+    with GrpcClient(target) as client, GrpcClient(target, readiness="health") as health_client:
+        assert client.ready() and health_client.ready()
+        metadata = client.metadata()
+        assert metadata.matches_contract(), metadata.signature()
+        assert (metadata.name, metadata.version) == (contract.MODEL_NAME, 1)
+        assert [(s.version, s.state, s.error_code) for s in client.model_status()] == [(1, "AVAILABLE", "OK")]
+    with GrpcClient(target, model_version=42) as client:
+        assert not client.ready()
+        with pytest.raises(ServerError) as caught:
+            client.predict(images[:1])
+    assert caught.value.code == "NOT_FOUND" and caught.value.server_message
+    with GrpcClient(target, model_name="nope") as client, pytest.raises(ServerError) as caught:
+        client.metadata()
+    assert caught.value.code == "NOT_FOUND"
+
+
+def test_grpc_tls_and_tensor_content_answers_from_the_standin(model_repo, tls_files, mnist_images, tmp_path):
+    images, labels = mnist_images
+    ssl_config = tmp_path / "ssl.config"
+    ssl_config.write_text(
+        f"server_key: {json.dumps(tls_files['key'].read_text())}\n"
+        f"server_cert: {json.dumps(tls_files['cert'].read_text())}\n"
+    )
+    with standin(model_repo, ssl_config_file=str(ssl_config), enable_serialization_as_tensor_content=True) as server:
+        server.wait_until_available(timeout=120)
+        target = f"127.0.0.1:{server.port}"
+        with GrpcClient(target, tls=True, root_certificates=tls_files["ca"]) as client:
+            prediction = client.predict(images)
+            assert client.ready()
+        assert float(np.mean(prediction.classes == labels)) >= MIN_ACCURACY
+        with GrpcClient(target, retry=NO_RETRIES, timeout=5) as plaintext, pytest.raises(UnavailableError):
+            plaintext.predict(images[:1])
