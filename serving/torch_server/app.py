@@ -20,16 +20,18 @@ from typing import Any
 
 import torch
 from flask import Flask, Response, request
-from mnist_client import contract
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import BaseConverter
 
+from mnist_client import contract
 from serving.torch_server import codecs
 from serving.torch_server.batching import MicroBatcher
 from serving.torch_server.config import ConfigError, ServerConfig
 from serving.torch_server.errors import (
     ApiError,
+    BadRequest,
+    LengthRequired,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -146,10 +148,8 @@ def _register_routes(app: Flask, state: ServerState) -> None:
                 f"unsupported Content-Type {content_type!r}; expected {codecs.JSON_CONTENT_TYPE} or "
                 f"{codecs.NPY_CONTENT_TYPE}"
             )
-        length = request.content_length
-        if length is not None and length > config.max_body_bytes:
-            raise PayloadTooLarge(_too_large_message(length, config.max_body_bytes))
-        decoded = codecs.decode_request(request.get_data(cache=False), content_type, config.max_batch)
+        body = _read_body(request.environ, request.content_length, config.max_body_bytes)
+        decoded = codecs.decode_request(body, content_type, config.max_batch)
         images = decoded.images
         if batcher is not None:
             probabilities, classes = batcher.predict(model, images)
@@ -278,6 +278,25 @@ def _plain_json_error(start_response: Callable[..., Any], error: ApiError) -> li
     headers = [("Content-Type", _JSON), ("Content-Length", str(len(body))), *error.headers.items()]
     start_response(f"{error.status} {HTTPStatus(error.status).phrase}", headers)
     return [body]
+
+
+def _read_body(environ: dict[str, Any], length: int | None, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes before or while it is read."""
+    stream = environ["wsgi.input"]
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(_too_large_message(length, limit))
+        body = stream.read(length) if length else b""
+        if len(body) < length:
+            raise BadRequest(f"the body ended after {len(body)} of its {length} bytes (Content-Length)")
+        return body
+    if not environ.get("wsgi.input_terminated"):
+        # Neither a length nor a server that ends the stream: reading could block forever.
+        raise LengthRequired("send a Content-Length header or a chunked body")
+    body = stream.read(limit + 1)  # chunked upload: read one byte past the limit to detect excess
+    if len(body) > limit:
+        raise PayloadTooLarge(_too_large_message(None, limit))
+    return body
 
 
 def _parse_version(raw: str) -> int:

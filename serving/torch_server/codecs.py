@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 import orjson
-from mnist_client import contract
 
+from mnist_client import contract
 from serving.torch_server.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 JSON_CONTENT_TYPE = "application/json"

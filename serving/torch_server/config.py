@@ -131,8 +131,11 @@ def _parse(name: str, raw: str, annotation: object) -> Any:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         if "Path" in kind:
             return Path(raw)
+    except ConfigError:
+        raise
     except ValueError:
-        raise ConfigError(f"{variable}={raw!r}: expected a value of type {kind}") from None
+        expected = {"int": "an integer", "float": "a number"}.get(kind, f"a value of type {kind}")
+        raise ConfigError(f"{variable}={raw!r}: expected {expected}") from None
     return raw
 
 

@@ -34,6 +34,10 @@ class NotFound(ApiError):
     status = 404
 
 
+class LengthRequired(ApiError):
+    status = 411
+
+
 class PayloadTooLarge(ApiError):
     status = 413
 

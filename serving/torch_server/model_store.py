@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from mnist_client import contract
 
+from mnist_client import contract
 from serving.model_repository import list_versions
 
 log = logging.getLogger(__name__)
