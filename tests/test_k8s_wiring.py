@@ -149,13 +149,19 @@ def test_tfserving_flags_match_the_contract_and_our_config(
     for flag in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
         path = Path(flags[flag])
         assert path.parent == Path("/etc/tfserving") and (config_dir / path.name).is_file(), flag
-        assert re.search(rf"COPY [^\n]*serving/tfserving/{re.escape(path.name)}[^\n]* /etc/tfserving/", dockerfile), flag
+        copy_line = rf"COPY [^\n]*serving/tfserving/{re.escape(path.name)}[^\n]* /etc/tfserving/"
+        assert re.search(copy_line, dockerfile), f"Dockerfile.tf does not copy {path.name} to /etc/tfserving"
     models_config = (config_dir / "models.config").read_text()
     base_path = f"{MODELS_MOUNT}/{contract.TF_FRAMEWORK_DIR}/{contract.MODEL_NAME}"
     assert re.search(rf'base_path:\s*"{re.escape(base_path)}"', models_config), models_config
     assert re.search(rf'name:\s*"{contract.MODEL_NAME}"', models_config)
     mount = mount_of(server, pod, "mnist-models")
     assert mount["mountPath"] == MODELS_MOUNT and mount["readOnly"] is True
+    # Prometheus scrapes the path monitoring.config serves the metrics on, on the REST port.
+    annotations = find(rendered[variant], "Deployment", "tfserving")["spec"]["template"]["metadata"]["annotations"]
+    metrics_path = re.search(r'path:\s*"([^"]+)"', (config_dir / "monitoring.config").read_text())
+    assert metrics_path and annotations["prometheus.io/path"] == metrics_path.group(1)
+    assert int(annotations["prometheus.io/port"]) == contract.TFS_REST_PORT
     # TensorFlow's thread pools follow the CPU limit.
     cpus = int(mc.parse_quantity(server["resources"]["limits"]["cpu"]))
     assert int(flags["tensorflow_intra_op_parallelism"]) == cpus
@@ -233,7 +239,8 @@ def test_pytorchjob_runs_torchrun_with_the_operators_rendezvous(
         launch = get_args_parser().parse_args(command[1:])
         assert launch.module and launch.training_script == "training.train_torch"
         assert (launch.nnodes, launch.node_rank) == (OPERATOR_ENV["WORLD_SIZE"], int(OPERATOR_ENV["RANK"]))
-        assert (launch.master_addr, launch.master_port) == (OPERATOR_ENV["MASTER_ADDR"], int(OPERATOR_ENV["MASTER_PORT"]))
+        assert launch.master_addr == OPERATOR_ENV["MASTER_ADDR"]
+        assert launch.master_port == int(OPERATOR_ENV["MASTER_PORT"])
         # One process per pod, so the operator's WORLD_SIZE (pods x nprocPerNode) is the node count.
         assert launch.nproc_per_node == job["spec"]["nprocPerNode"] == "1"
         args = train_torch.build_parser().parse_args(launch.training_script_args)
@@ -277,7 +284,8 @@ def test_loadtest_pods_parse_and_target_both_services(rendered: dict[str, list[d
     }
     assert str(args.json) == "/results/parts/result-3.json" and config.labels == {"pod": "3"}
     index_env = next(e for e in tester["env"] if e["name"] == "JOB_COMPLETION_INDEX")
-    assert index_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    index_field = index_env["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index_field == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     # The MNIST test images the init container downloads are where the load tester reads them.
     fetch = next(c for c in pod["initContainers"] if c["name"] == "fetch-mnist")
     assert env_of(tester)["MNIST_DATA_DIR"] == env_of(fetch)["MNIST_CACHE_DIR"] + "/mnist"

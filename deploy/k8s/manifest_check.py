@@ -74,7 +74,9 @@ CUSTOM_RESOURCES: Final[dict[tuple[str, str], CustomResource]] = {
     ("kubeflow.org/v1", "PyTorchJob"): CustomResource(
         "pytorchjob-kubeflow-v1.json", "pytorchReplicaSpecs", "pytorch", ("Master",)
     ),
-    ("kubeflow.org/v1", "TFJob"): CustomResource("tfjob-kubeflow-v1.json", "tfReplicaSpecs", "tensorflow", ("Chief", "Master")),
+    ("kubeflow.org/v1", "TFJob"): CustomResource(
+        "tfjob-kubeflow-v1.json", "tfReplicaSpecs", "tensorflow", ("Chief", "Master")
+    ),
 }
 _K8S_DEFINITIONS_URI: Final = "https://kubernetes.io/api/_definitions.json"
 _NAMESPACED_EXEMPT: Final = frozenset({"Namespace"})
@@ -347,7 +349,8 @@ def _quantity_problems(where: str, resources: dict[str, Any]) -> Iterator[str]:
     for resource, request in parsed["requests"].items():
         limit = parsed["limits"].get(resource)
         if limit is not None and request > limit:
-            yield f"{where}: {resource} request {resources['requests'][resource]} exceeds its limit {resources['limits'][resource]}"
+            asked, allowed = resources["requests"][resource], resources["limits"][resource]
+            yield f"{where}: {resource} request {asked} exceeds its limit {allowed}"
 
 
 def _probe_port_problems(where: str, container: dict[str, Any]) -> Iterator[str]:
@@ -368,6 +371,14 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def _pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"].get("labels") or {}
+
+
+def _match_labels(obj: dict[str, Any]) -> dict[str, str]:
+    return (obj["spec"].get("selector") or {}).get("matchLabels") or {}
+
+
 def policy_problems(variant: str, objects: Sequence[dict[str, Any]], known_claims: set[str]) -> list[Problem]:
     """The policy rules for one rendered variant.
 
@@ -375,83 +386,80 @@ def policy_problems(variant: str, objects: Sequence[dict[str, Any]], known_claim
     variants (the model repository lives in the storage variant).
     """
     problems: list[Problem] = []
-
-    def add(obj: dict[str, Any] | str, message: str) -> None:
-        problems.append(Problem(variant, obj if isinstance(obj, str) else ref(obj), message))
-
-    gpu = variant in GPU_VARIANTS
     deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
     templates = [t for o in objects for t in pod_templates(o)]
-    hpa_targets = set()
-
+    hpa_targets: set[str] = set()
     for obj in objects:
+        messages: Iterable[str] = ()
+        if obj["kind"] == "HorizontalPodAutoscaler":
+            messages = _hpa_problems(obj, deployments, hpa_targets)
+        elif obj["kind"] == "PodDisruptionBudget":
+            matched = [n for n, d in deployments.items() if _selects(_match_labels(obj), _pod_labels(d))]
+            if len(matched) != 1:
+                messages = [f"selector {_match_labels(obj)} matches Deployments {matched}; expected exactly one"]
+        elif obj["kind"] == "Service":
+            messages = _service_problems(obj, templates)
         namespace = obj.get("metadata", {}).get("namespace")
         if obj["kind"] not in _NAMESPACED_EXEMPT and namespace != NAMESPACE:
-            add(obj, f"namespace is {namespace!r}; expected {NAMESPACE!r}")
-        if obj["kind"] == "HorizontalPodAutoscaler":
-            target = obj["spec"]["scaleTargetRef"]
-            if target.get("kind") != "Deployment" or target.get("name") not in deployments:
-                add(obj, f"scaleTargetRef {target.get('kind')}/{target.get('name')} is not a Deployment of this variant")
-            else:
-                hpa_targets.add(target["name"])
-            if obj["spec"].get("minReplicas", 1) < 2:
-                add(obj, "minReplicas < 2: one pod cannot roll or be drained without an outage")
-        elif obj["kind"] == "PodDisruptionBudget":
-            selector = obj["spec"].get("selector", {}).get("matchLabels", {})
-            matched = [n for n, d in deployments.items() if _selects(selector, d["spec"]["template"]["metadata"]["labels"])]
-            if len(matched) != 1:
-                add(obj, f"selector {selector} matches Deployments {matched}; expected exactly one")
-        elif obj["kind"] == "Service":
-            problems.extend(_service_problems(variant, obj, templates))
-
+            messages = [*messages, f"namespace is {namespace!r}; expected {NAMESPACE!r}"]
+        problems.extend(Problem(variant, ref(obj), m) for m in messages)
+    budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
     for name, deployment in deployments.items():
-        selector = deployment["spec"]["selector"].get("matchLabels", {})
-        if not _selects(selector, deployment["spec"]["template"]["metadata"].get("labels", {})):
-            add(deployment, f"selector {selector} does not match its own pod template labels")
-        if name in hpa_targets and "replicas" in deployment["spec"]:
-            add(deployment, "sets spec.replicas although an HPA scales it; kubectl apply would reset the scale")
-        if name not in hpa_targets:
-            add(deployment, "no HorizontalPodAutoscaler scales it")
-        if not any(
-            o["kind"] == "PodDisruptionBudget"
-            and _selects(o["spec"].get("selector", {}).get("matchLabels", {}), deployment["spec"]["template"]["metadata"]["labels"])
-            for o in objects
-        ):
-            add(deployment, "no PodDisruptionBudget covers its pods")
-        rolling = deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
-        if deployment["spec"].get("strategy", {}).get("type", "RollingUpdate") != "RollingUpdate":
-            add(deployment, "strategy is not RollingUpdate")
-        elif str(rolling.get("maxUnavailable", "25%")) not in ("0", "0%"):
-            add(deployment, "rollingUpdate.maxUnavailable is not 0: a rollout would drop serving capacity")
-
+        messages = _deployment_problems(deployment, name in hpa_targets, budgets)
+        problems.extend(Problem(variant, ref(deployment), m) for m in messages)
     for template in templates:
-        for message in container_problems(template, gpu):
-            add(template.owner, message)
-        for volume in template.spec.get("volumes") or []:
-            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
-            if claim is not None and claim not in known_claims:
-                add(template.owner, f"volume {volume['name']!r} uses PersistentVolumeClaim {claim!r}, which no variant defines")
+        messages = [*container_problems(template, variant in GPU_VARIANTS), *_claim_problems(template, known_claims)]
+        problems.extend(Problem(variant, template.owner, m) for m in messages)
     return problems
 
 
-def _service_problems(variant: str, service: dict[str, Any], templates: list[PodTemplate]) -> Iterator[Problem]:
+def _hpa_problems(hpa: dict[str, Any], deployments: dict[str, Any], hpa_targets: set[str]) -> Iterator[str]:
+    target = hpa["spec"]["scaleTargetRef"]
+    if target.get("kind") != "Deployment" or target.get("name") not in deployments:
+        yield f"scaleTargetRef {target.get('kind')}/{target.get('name')} is not a Deployment of this variant"
+    else:
+        hpa_targets.add(target["name"])
+    if hpa["spec"].get("minReplicas", 1) < 2:
+        yield "minReplicas < 2: one pod cannot roll or be drained without an outage"
+
+
+def _deployment_problems(deployment: dict[str, Any], autoscaled: bool, budgets: list[dict[str, Any]]) -> Iterator[str]:
+    spec = deployment["spec"]
+    if not _selects(_match_labels(deployment), _pod_labels(deployment)):
+        yield f"selector {_match_labels(deployment)} does not match its own pod template labels"
+    if not autoscaled:
+        yield "no HorizontalPodAutoscaler scales it"
+    elif "replicas" in spec:
+        yield "sets spec.replicas although an HPA scales it; kubectl apply would reset the scale"
+    if not any(_selects(_match_labels(budget), _pod_labels(deployment)) for budget in budgets):
+        yield "no PodDisruptionBudget covers its pods"
+    strategy = spec.get("strategy") or {}
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        yield "strategy is not RollingUpdate"
+    elif str((strategy.get("rollingUpdate") or {}).get("maxUnavailable", "25%")) not in ("0", "0%"):
+        yield "rollingUpdate.maxUnavailable is not 0: a rollout would drop serving capacity"
+
+
+def _claim_problems(template: PodTemplate, known_claims: set[str]) -> Iterator[str]:
+    for volume in template.spec.get("volumes") or []:
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        if claim is not None and claim not in known_claims:
+            yield f"volume {volume['name']!r} uses PersistentVolumeClaim {claim!r}, which no variant defines"
+
+
+def _service_problems(service: dict[str, Any], templates: list[PodTemplate]) -> Iterator[str]:
     selector = service["spec"].get("selector") or {}
     backends = [t for t in templates if _selects(selector, t.labels)]
     if not backends:
-        yield Problem(variant, ref(service), f"selector {selector} matches no pod template of this variant")
+        yield f"selector {selector} matches no pod template of this variant"
         return
     for port in service["spec"].get("ports") or []:
         target = port.get("targetPort", port["port"])
+        key = "name" if isinstance(target, str) else "containerPort"
         for template in backends:
-            declared = [p for c in template.spec.get("containers") or [] for p in c.get("ports") or []]
-            if isinstance(target, str):
-                ok = any(p.get("name") == target for p in declared)
-            else:
-                ok = any(p["containerPort"] == target for p in declared)
-            if not ok:
-                yield Problem(
-                    variant, ref(service), f"port {port.get('name')!r} targets {target!r}, not declared by {template.owner}"
-                )
+            declared = [p.get(key) for c in template.spec.get("containers") or [] for p in c.get("ports") or []]
+            if target not in declared:
+                yield f"port {port.get('name')!r} targets {target!r}, not declared by {template.owner}"
 
 
 # ---------------------------------------------------------------- all together
