@@ -56,12 +56,19 @@ def measure_install(workdir: Path) -> tuple[dict, Path]:
     env_dir = workdir / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    purelib = Path(subprocess.check_output(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    purelib = Path(
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
     before = {entry.name: _du_bytes(entry) if entry.is_dir() else entry.stat().st_size for entry in purelib.iterdir()}
     started = time.monotonic()
-    subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO_ROOT / "clients")],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO_ROOT / "clients")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.monotonic() - started
     added: dict[str, int] = {}
     for entry in purelib.iterdir():
@@ -112,8 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--models-dir", type=Path, help="unused (accepted for bench.run_all)")
     parser.add_argument("--repeats", type=int, default=7, help="runs per import measurement (median)")
-    parser.add_argument("--no-install", action="store_true",
-                        help="skip the fresh-venv install; time imports in this interpreter with PYTHONPATH=clients")
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="skip the fresh-venv install; time imports in this interpreter with PYTHONPATH=clients",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats is {args.repeats}; expected at least 1")
@@ -121,8 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     clean_env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    result: dict = {"python": sys.version.split()[0], "platform": sysconfig.get_platform(), "repeats": args.repeats,
-                    "load_average_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
+    result: dict = {
+        "python": sys.version.split()[0],
+        "platform": sysconfig.get_platform(),
+        "repeats": args.repeats,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
+    }
     with tempfile.TemporaryDirectory(prefix="client-footprint-") as tmp:
         if args.no_install:
             client_python: Path | str = sys.executable
@@ -135,8 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
             result["client_imports_in"] = "fresh venv with only the client and its dependencies"
         result["import_ms"] = measure_imports(client_python, CLIENT_IMPORTS, args.repeats, client_env)
         result["import_ms"].update(
-            {label: figures for label, figures in measure_imports(
-                sys.executable, OFFICIAL_IMPORT, args.repeats, clean_env).items() if label != "interpreter_start"}
+            {
+                label: figures
+                for label, figures in measure_imports(sys.executable, OFFICIAL_IMPORT, args.repeats, clean_env).items()
+                if label != "interpreter_start"
+            }
         )
 
     lines = []
@@ -147,8 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
             if size >= 2**18:
                 lines.append(f"  {name:<28} {size / 2**20:8.1f} MiB")
     start = result["import_ms"]["interpreter_start"]
-    lines.append(f"import time, median of {args.repeats}, minus a bare interpreter start "
-                 f"({start['wall_ms']} ms wall, {start['cpu_ms']} ms CPU); load average {os.getloadavg()[0]:.1f}")
+    lines.append(
+        f"import time, median of {args.repeats}, minus a bare interpreter start "
+        f"({start['wall_ms']} ms wall, {start['cpu_ms']} ms CPU); load average {os.getloadavg()[0]:.1f}"
+    )
     lines.append(f"  {'import':<42} {'wall ms':>8} {'CPU ms':>8}")
     for label, figures in result["import_ms"].items():
         if label != "interpreter_start":

@@ -51,9 +51,18 @@ def _start_server(models_dir: Path, port: int) -> subprocess.Popen:
         "MNIST_REST_MODEL_BASE_PATH": str(models_dir / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(REPO_ROOT / "serving/torch_server/gunicorn_conf.py"),
-         "serving.torch_server.app:create_app()"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(REPO_ROOT / "serving/torch_server/gunicorn_conf.py"),
+            "serving.torch_server.app:create_app()",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -80,8 +89,11 @@ def measure(url: str, images: np.ndarray, batches: list[int], calls: int) -> lis
                     started = time.perf_counter()
                     client.predict(chunk)
                     latency.append(time.perf_counter() - started)
-                row[name] = {"body_bytes": len(prepared.body), "encode_ms": _median_ms(encode),
-                             "predict_p50_ms": _median_ms(latency)}
+                row[name] = {
+                    "body_bytes": len(prepared.body),
+                    "encode_ms": _median_ms(encode),
+                    "predict_p50_ms": _median_ms(latency),
+                }
             row["npy_speedup"] = round(row["json"]["predict_p50_ms"] / row["npy"]["predict_p50_ms"], 2)
             rows.append(row)
     return rows
@@ -113,15 +125,24 @@ def main(argv: list[str] | None = None) -> dict:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
 
-    result = {"server": "gunicorn, 1 sync worker, 127.0.0.1", "calls": args.calls, "input_dtype": "uint8",
-              "default_binary_threshold": DEFAULT_BINARY_THRESHOLD, "load_average_1min": round(os.getloadavg()[0], 2),
-              "rows": rows}
-    print(f"{'batch':>5} | {'JSON bytes':>10} {'encode ms':>9} {'p50 ms':>8} | {'npy bytes':>9} {'encode ms':>9} "
-          f"{'p50 ms':>8} | npy speed-up")
+    result = {
+        "server": "gunicorn, 1 sync worker, 127.0.0.1",
+        "calls": args.calls,
+        "input_dtype": "uint8",
+        "default_binary_threshold": DEFAULT_BINARY_THRESHOLD,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "rows": rows,
+    }
+    print(
+        f"{'batch':>5} | {'JSON bytes':>10} {'encode ms':>9} {'p50 ms':>8} | {'npy bytes':>9} {'encode ms':>9} "
+        f"{'p50 ms':>8} | npy speed-up"
+    )
     for row in rows:
         j, n = row["json"], row["npy"]
-        print(f"{row['batch']:>5} | {j['body_bytes']:>10} {j['encode_ms']:>9.3f} {j['predict_p50_ms']:>8.3f} | "
-              f"{n['body_bytes']:>9} {n['encode_ms']:>9.3f} {n['predict_p50_ms']:>8.3f} | {row['npy_speedup']:.2f}x")
+        print(
+            f"{row['batch']:>5} | {j['body_bytes']:>10} {j['encode_ms']:>9.3f} {j['predict_p50_ms']:>8.3f} | "
+            f"{n['body_bytes']:>9} {n['encode_ms']:>9.3f} {n['predict_p50_ms']:>8.3f} | {row['npy_speedup']:.2f}x"
+        )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "client_rest_formats.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -128,7 +128,11 @@ class _RestHandler(BaseHTTPRequestHandler):
 
     def _authorized(self) -> bool:
         token = self.behaviour.token
-        if token is not None and self.path.startswith("/v1/") and self.headers.get("Authorization") != f"Bearer {token}":
+        if (
+            token is not None
+            and self.path.startswith("/v1/")
+            and self.headers.get("Authorization") != f"Bearer {token}"
+        ):
             self._error(401, "missing or wrong bearer token")
             return False
         return True
@@ -148,18 +152,29 @@ class _RestHandler(BaseHTTPRequestHandler):
             if behaviour.fail_status is not None and behaviour.fail_probes and behaviour.should_fail(number):
                 return self._error(behaviour.fail_status, "status failing on purpose")
             state = "AVAILABLE" if behaviour.ready else "LOADING"
-            self._send(200, {"model_version_status": [{
-                "version": str(behaviour.model_version), "state": state,
-                "status": {"error_code": "OK", "error_message": ""},
-            }]})
+            self._send(
+                200,
+                {
+                    "model_version_status": [
+                        {
+                            "version": str(behaviour.model_version),
+                            "state": state,
+                            "status": {"error_code": "OK", "error_message": ""},
+                        }
+                    ]
+                },
+            )
         elif self.path == "/v1/models/mnist/metadata":
             number = behaviour.count("metadata")
             if behaviour.fail_status is not None and behaviour.fail_probes and behaviour.should_fail(number):
                 return self._error(behaviour.fail_status, "metadata failing on purpose")
-            self._send(200, {
-                "model_spec": {"name": "mnist", "signature_name": "", "version": str(behaviour.model_version)},
-                "metadata": {"signature_def": {"signature_def": {contract.SIGNATURE_NAME: _signature_json()}}},
-            })
+            self._send(
+                200,
+                {
+                    "model_spec": {"name": "mnist", "signature_name": "", "version": str(behaviour.model_version)},
+                    "metadata": {"signature_def": {"signature_def": {contract.SIGNATURE_NAME: _signature_json()}}},
+                },
+            )
         else:
             self._error(404, "Not Found")
 
@@ -193,7 +208,7 @@ class _RestHandler(BaseHTTPRequestHandler):
         probabilities, classes = fake_model(images)
         rows = [
             {contract.PROBABILITIES_NAME: p.tolist(), contract.CLASSES_NAME: int(c)}
-            for p, c in zip(probabilities, classes)
+            for p, c in zip(probabilities, classes, strict=True)
         ]
         self._send(200, {"predictions": rows})
 
@@ -206,6 +221,7 @@ class GrpcServer:
     ) -> None:
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
         from tensorflow_serving.apis import (
             get_model_metadata_pb2,
             get_model_status_pb2,
@@ -213,7 +229,6 @@ class GrpcServer:
             predict_pb2,
             prediction_service_pb2_grpc,
         )
-        from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
         self.behaviour = behaviour or Behaviour()
         self.name = name
@@ -236,8 +251,9 @@ class GrpcServer:
                     spec.HasField("version") and spec.version.value != behaviour.model_version
                 ):
                     version = spec.version.value if spec.HasField("version") else "latest"
-                    context.abort(grpc.StatusCode.NOT_FOUND,
-                                  f"Servable not found for request: Specific({spec.name}, {version})")
+                    context.abort(
+                        grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Specific({spec.name}, {version})"
+                    )
                 proto = request.inputs[contract.INPUT_NAME]
                 shape = [d.size for d in proto.tensor_shape.dim]
                 if proto.tensor_content:
@@ -265,7 +281,9 @@ class GrpcServer:
                         info = getattr(signature, group)[tensor_name]
                         info.name = f"serving_default_{tensor_name}:0"
                         info.dtype = types_pb2.DataType.Value(spec["dtype"])
-                        info.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in spec["shape"])
+                        info.tensor_shape.dim.extend(
+                            tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in spec["shape"]
+                        )
                 signature_map = get_model_metadata_pb2.SignatureDefMap()
                 signature_map.signature_def[contract.SIGNATURE_NAME].CopyFrom(signature)
                 response = get_model_metadata_pb2.GetModelMetadataResponse()
@@ -282,8 +300,11 @@ class GrpcServer:
                 response = get_model_status_pb2.GetModelStatusResponse()
                 status = response.model_version_status.add()
                 status.version = behaviour.model_version
-                status.state = (get_model_status_pb2.ModelVersionStatus.AVAILABLE if behaviour.ready
-                                else get_model_status_pb2.ModelVersionStatus.LOADING)
+                status.state = (
+                    get_model_status_pb2.ModelVersionStatus.AVAILABLE
+                    if behaviour.ready
+                    else get_model_status_pb2.ModelVersionStatus.LOADING
+                )
                 return response
 
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))

@@ -53,9 +53,18 @@ class Gunicorn:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(REPO / "serving/torch_server/gunicorn_conf.py"),
-             "serving.torch_server.app:create_app()"],
-            cwd=REPO, env=environment, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                str(REPO / "serving/torch_server/gunicorn_conf.py"),
+                "serving.torch_server.app:create_app()",
+            ],
+            cwd=REPO,
+            env=environment,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         scheme = "https" if "MNIST_REST_TLS_CERT" in env else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
@@ -100,7 +109,10 @@ def rest_server(model_repo, tmp_path_factory):
 
 def test_rest_json_and_npy_predictions_are_accurate_and_identical(rest_server, mnist_images):
     images, labels = mnist_images
-    with RestClient(rest_server.url, binary=False) as json_client, RestClient(rest_server.url, binary=True) as npy_client:
+    with (
+        RestClient(rest_server.url, binary=False) as json_client,
+        RestClient(rest_server.url, binary=True) as npy_client,
+    ):
         by_json = json_client.predict(images)
         by_npy = npy_client.predict(images)
         one = json_client.predict(images[0])
@@ -153,8 +165,23 @@ def tls_files(tmp_path_factory) -> dict[str, Path]:
     steps = [
         ("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA"),
         ("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=server"),
-        ("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-         "-out", "server.pem", "-days", "2", "-extfile", "san.ext"),
+        (
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ),
     ]
     for step in steps:
         subprocess.run(["openssl", *step], cwd=d, check=True, capture_output=True, timeout=60)
@@ -163,8 +190,13 @@ def tls_files(tmp_path_factory) -> dict[str, Path]:
 
 def test_rest_https_and_bearer_token_against_the_real_server(model_repo, tls_files, mnist_images, tmp_path):
     images, _ = mnist_images
-    server = Gunicorn(model_repo, tmp_path / "tls.log", MNIST_REST_TLS_CERT=str(tls_files["cert"]),
-                      MNIST_REST_TLS_KEY=str(tls_files["key"]), MNIST_REST_AUTH_TOKEN="integration-token")
+    server = Gunicorn(
+        model_repo,
+        tmp_path / "tls.log",
+        MNIST_REST_TLS_CERT=str(tls_files["cert"]),
+        MNIST_REST_TLS_KEY=str(tls_files["key"]),
+        MNIST_REST_AUTH_TOKEN="integration-token",
+    )
     try:
         with RestClient(server.url, ca_file=tls_files["ca"], token="integration-token") as client:
             try:
@@ -190,8 +222,11 @@ def standin(model_repo: Path, **options):
     from serving.tfs_standin.server import ModelServer
 
     base = model_repo / contract.TF_FRAMEWORK_DIR / contract.MODEL_NAME
-    return ModelServer(ServerOptions(port=0, standin_host="127.0.0.1", model_name=contract.MODEL_NAME,
-                                     model_base_path=str(base), **options))
+    return ModelServer(
+        ServerOptions(
+            port=0, standin_host="127.0.0.1", model_name=contract.MODEL_NAME, model_base_path=str(base), **options
+        )
+    )
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,14 @@ import pytest
 
 from mnist_client import contract
 from mnist_client.grpc_client import GrpcClient, _parse_metadata
-from mnist_client.protos import get_model_metadata_pb2, get_model_status_pb2, health_pb2, model_pb2, predict_pb2, tensor_pb2
+from mnist_client.protos import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    health_pb2,
+    model_pb2,
+    predict_pb2,
+    tensor_pb2,
+)
 from mnist_client.tensors import make_ndarray, make_tensor_proto
 
 tf = pytest.importorskip("tensorflow")
@@ -112,7 +119,9 @@ def test_enums_match_the_official_definitions():
     upstream_codes = {v.name: v.number for v in tf_error_codes_pb2.Code.DESCRIPTOR.values}
     assert all(upstream_codes[v.name] == v.number for v in get_model_status_pb2.ErrorCode.DESCRIPTOR.values)
     upstream_states = {v.name: v.number for v in tfs_status_pb2.ModelVersionStatus.State.DESCRIPTOR.values}
-    assert {v.name: v.number for v in get_model_status_pb2.ModelVersionStatus.State.DESCRIPTOR.values} == upstream_states
+    assert {
+        v.name: v.number for v in get_model_status_pb2.ModelVersionStatus.State.DESCRIPTOR.values
+    } == upstream_states
 
 
 def test_health_messages_match_grpc_health_checking():
@@ -149,7 +158,9 @@ def test_predict_request_bytes_equal_tensorflows(use_tensor_content):
         tensor.float_val.extend(batch.ravel().tolist())
     official.output_filter.append(contract.CLASSES_NAME)
     data = same_bytes(ours, official)
-    np.testing.assert_array_equal(tf.make_ndarray(tfs_predict_pb2.PredictRequest.FromString(data).inputs["images"]), batch)
+    np.testing.assert_array_equal(
+        tf.make_ndarray(tfs_predict_pb2.PredictRequest.FromString(data).inputs["images"]), batch
+    )
 
 
 def test_client_prepare_is_what_tensorflow_serving_parses():
@@ -167,13 +178,18 @@ def test_client_prepare_is_what_tensorflow_serving_parses():
 
 
 def test_model_spec_version_label_and_unknown_fields_survive():
-    same_bytes(model_pb2.ModelSpec(name="m", version_label="stable"), tfs_model_pb2.ModelSpec(name="m", version_label="stable"))
+    same_bytes(
+        model_pb2.ModelSpec(name="m", version_label="stable"), tfs_model_pb2.ModelSpec(name="m", version_label="stable")
+    )
     # Fields we do not define (request_options upstream) pass through our parser unchanged.
     official = tfs_predict_pb2.PredictRequest()
     official.model_spec.name = "mnist"
     official.request_options.max_cache_length = 7
     data = official.SerializeToString()
-    assert tfs_predict_pb2.PredictRequest.FromString(predict_pb2.PredictRequest.FromString(data).SerializeToString()) == official
+    assert (
+        tfs_predict_pb2.PredictRequest.FromString(predict_pb2.PredictRequest.FromString(data).SerializeToString())
+        == official
+    )
 
 
 # -- responses ----------------------------------------------------------------------------------------
@@ -202,7 +218,9 @@ def test_predict_response_bytes_equal_and_decode_like_tensorflow(use_tensor_cont
     ours = predict_pb2.PredictResponse()
     ours.model_spec.name = "mnist"
     ours.model_spec.version.value = 2
-    ours.outputs[contract.PROBABILITIES_NAME].CopyFrom(make_tensor_proto(probabilities, use_tensor_content=use_tensor_content))
+    ours.outputs[contract.PROBABILITIES_NAME].CopyFrom(
+        make_tensor_proto(probabilities, use_tensor_content=use_tensor_content)
+    )
     ours.outputs[contract.CLASSES_NAME].CopyFrom(make_tensor_proto(classes, use_tensor_content=use_tensor_content))
     data = same_bytes(ours, official)
 
@@ -218,8 +236,9 @@ def test_short_value_lists_decode_like_tensorflow():
     ours = tensor_pb2.TensorProto.FromString(official.SerializeToString())
     np.testing.assert_array_equal(make_ndarray(ours), tf.make_ndarray(official))
     official.ClearField("float_val")
-    np.testing.assert_array_equal(make_ndarray(tensor_pb2.TensorProto.FromString(official.SerializeToString())),
-                                  tf.make_ndarray(official))
+    np.testing.assert_array_equal(
+        make_ndarray(tensor_pb2.TensorProto.FromString(official.SerializeToString())), tf.make_ndarray(official)
+    )
 
 
 def _official_metadata_response():
@@ -270,12 +289,18 @@ def test_metadata_messages_bytes_equal_and_decode():
 
 def test_status_messages_bytes_equal():
     official = tfs_status_pb2.GetModelStatusResponse()
-    for version, state in ((1, tfs_status_pb2.ModelVersionStatus.END), (2, tfs_status_pb2.ModelVersionStatus.AVAILABLE)):
+    for version, state in (
+        (1, tfs_status_pb2.ModelVersionStatus.END),
+        (2, tfs_status_pb2.ModelVersionStatus.AVAILABLE),
+    ):
         entry = official.model_version_status.add(version=version, state=state)
         entry.status.error_code = tf_error_codes_pb2.NOT_FOUND if version == 1 else tf_error_codes_pb2.OK
         entry.status.error_message = "unloaded" if version == 1 else ""
     ours = get_model_status_pb2.GetModelStatusResponse()
-    for version, state in ((1, get_model_status_pb2.ModelVersionStatus.END), (2, get_model_status_pb2.ModelVersionStatus.AVAILABLE)):
+    for version, state in (
+        (1, get_model_status_pb2.ModelVersionStatus.END),
+        (2, get_model_status_pb2.ModelVersionStatus.AVAILABLE),
+    ):
         entry = ours.model_version_status.add(version=version, state=state)
         entry.status.error_code = get_model_status_pb2.NOT_FOUND if version == 1 else get_model_status_pb2.OK
         entry.status.error_message = "unloaded" if version == 1 else ""
@@ -322,7 +347,8 @@ try:
     assert prediction.model_version == 1
 finally:
     server.stop()
-request = official_predict_pb2.PredictRequest.FromString(predict_pb2.PredictRequest(model_spec={{"name": "mnist"}}).SerializeToString())
+ours = predict_pb2.PredictRequest(model_spec={{"name": "mnist"}})
+request = official_predict_pb2.PredictRequest.FromString(ours.SerializeToString())
 assert request.model_spec.name == "mnist"
 print("SAME-PROCESS-OK")
 """

@@ -14,9 +14,9 @@ import time
 import grpc
 import numpy as np
 import pytest
+from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: F401 - import TF now, not in a timed test
 
 from client_fakes import Behaviour, GrpcServer, RestServer
-from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: F401 - import TF now, not in a timed test
 from conftest import free_port
 from mnist_client.errors import DeadlineExceededError, ServerError, UnavailableError
 from mnist_client.grpc_client import GrpcClient
@@ -26,8 +26,11 @@ from mnist_client.retry import RetryPolicy, call_with_retries, is_retryable_pred
 IMAGE = np.zeros((1, 28, 28), np.uint8)
 FAST = RetryPolicy(max_attempts=20, initial_backoff=0.02, max_backoff=0.2)
 # Reconnect quickly after a refused connection, so the tests need not wait gRPC's default 1 s backoff.
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
-                  ("grpc.max_reconnect_backoff_ms", 100)]
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 100),
+]
 
 
 # -- the backoff loop on a fake clock -------------------------------------------------------------------
@@ -62,8 +65,16 @@ def test_backoff_grows_exponentially_up_to_the_cap():
     clock = FakeClock()
     attempt, calls = failing([UnavailableError("down", request_sent=False)] * 5)
     policy = RetryPolicy(max_attempts=6, initial_backoff=0.1, max_backoff=0.5, multiplier=2)
-    result = call_with_retries(attempt, policy=policy, timeout=100, retryable=is_retryable_predict,
-                               description="t", sleep=clock.sleep, clock=clock, rng=lambda: 1.0)
+    result = call_with_retries(
+        attempt,
+        policy=policy,
+        timeout=100,
+        retryable=is_retryable_predict,
+        description="t",
+        sleep=clock.sleep,
+        clock=clock,
+        rng=lambda: 1.0,
+    )
     assert result == "ok" and len(calls) == 6
     assert clock.sleeps == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
     assert calls[0] == 100 and calls[-1] == pytest.approx(100 - sum(clock.sleeps))  # each attempt gets what is left
@@ -73,9 +84,16 @@ def test_jitter_scales_each_pause_within_its_ceiling():
     clock = FakeClock()
     attempt, _ = failing([UnavailableError("down", request_sent=False)] * 3)
     draws = iter([0.5, 0.0, 0.25])
-    call_with_retries(attempt, policy=RetryPolicy(initial_backoff=0.2, max_backoff=1.0), timeout=10,
-                      retryable=is_retryable_predict, description="t", sleep=clock.sleep, clock=clock,
-                      rng=lambda: next(draws))
+    call_with_retries(
+        attempt,
+        policy=RetryPolicy(initial_backoff=0.2, max_backoff=1.0),
+        timeout=10,
+        retryable=is_retryable_predict,
+        description="t",
+        sleep=clock.sleep,
+        clock=clock,
+        rng=lambda: next(draws),
+    )
     assert clock.sleeps == pytest.approx([0.1, 0.0, 0.2])
 
 
@@ -84,8 +102,16 @@ def test_gives_up_after_max_attempts_with_the_last_error():
     errors = [UnavailableError(f"down {i}", request_sent=False) for i in range(5)]
     attempt, calls = failing(errors)
     with pytest.raises(UnavailableError, match="down 2"):
-        call_with_retries(attempt, policy=RetryPolicy(max_attempts=3), timeout=10, retryable=is_retryable_predict,
-                          description="t", sleep=clock.sleep, clock=clock, rng=lambda: 1.0)
+        call_with_retries(
+            attempt,
+            policy=RetryPolicy(max_attempts=3),
+            timeout=10,
+            retryable=is_retryable_predict,
+            description="t",
+            sleep=clock.sleep,
+            clock=clock,
+            rng=lambda: 1.0,
+        )
     assert len(calls) == 3
 
 
@@ -93,9 +119,16 @@ def test_never_sleeps_past_the_deadline():
     clock = FakeClock()
     attempt, calls = failing([UnavailableError("down", request_sent=False)] * 100)
     with pytest.raises(UnavailableError):
-        call_with_retries(attempt, policy=RetryPolicy(max_attempts=100, initial_backoff=0.3, max_backoff=0.3),
-                          timeout=1.0, retryable=is_retryable_predict, description="t", sleep=clock.sleep,
-                          clock=clock, rng=lambda: 1.0)
+        call_with_retries(
+            attempt,
+            policy=RetryPolicy(max_attempts=100, initial_backoff=0.3, max_backoff=0.3),
+            timeout=1.0,
+            retryable=is_retryable_predict,
+            description="t",
+            sleep=clock.sleep,
+            clock=clock,
+            rng=lambda: 1.0,
+        )
     assert len(calls) == 4 and clock.now == pytest.approx(0.9)
 
 

@@ -34,19 +34,64 @@ def _openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", *EC_KEY, "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", "2", "-subj", "/CN=mnist test CA", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        *EC_KEY,
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=mnist test CA",
+        cwd=d,
+    )
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
     for name in ("server", "client"):
-        _openssl("req", *EC_KEY, "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    _openssl("req", "-x509", *EC_KEY, "-nodes", "-keyout", "other-ca.key", "-out", "other-ca.pem",
-             "-days", "2", "-subj", "/CN=another CA", cwd=d)
-    return {name: d / f"{name}" for name in
-            ("ca.pem", "other-ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+        _openssl(
+            "req", *EC_KEY, "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
+    _openssl(
+        "req",
+        "-x509",
+        *EC_KEY,
+        "-nodes",
+        "-keyout",
+        "other-ca.key",
+        "-out",
+        "other-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=another CA",
+        cwd=d,
+    )
+    return {
+        name: d / f"{name}"
+        for name in ("ca.pem", "other-ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+    }
 
 
 def server_context(certs: dict[str, Path], require_client_cert: bool = False) -> ssl.SSLContext:
@@ -80,8 +125,9 @@ def test_rest_over_https_verifies_the_server_with_the_ca_file(certs):
 def test_rest_mutual_tls(certs):
     server = RestServer(ssl_context=server_context(certs, require_client_cert=True))
     try:
-        with RestClient(server.url, ca_file=certs["ca.pem"], client_cert=certs["client.pem"],
-                        client_key=certs["client.key"]) as client:
+        with RestClient(
+            server.url, ca_file=certs["ca.pem"], client_cert=certs["client.pem"], client_key=certs["client.key"]
+        ) as client:
             client.predict(IMAGE)
         with RestClient(server.url, ca_file=certs["ca.pem"], retry=NO_RETRIES) as client:
             with pytest.raises(UnavailableError):
@@ -120,11 +166,16 @@ def test_grpc_tls_verifies_the_server(certs):
     try:
         with GrpcClient(server.target, tls=True, root_certificates=certs["ca.pem"]) as client:
             assert client.ready() and client.predict(IMAGE).model_version == 1
-        with GrpcClient(f"localhost:{server.port}", tls=True, root_certificates=certs["ca.pem"].read_bytes(),
-                        tls_server_name="localhost") as client:
+        with GrpcClient(
+            f"localhost:{server.port}",
+            tls=True,
+            root_certificates=certs["ca.pem"].read_bytes(),
+            tls_server_name="localhost",
+        ) as client:
             client.predict(IMAGE)
-        with GrpcClient(server.target, tls=True, root_certificates=certs["other-ca.pem"], retry=NO_RETRIES,
-                        timeout=3) as client:
+        with GrpcClient(
+            server.target, tls=True, root_certificates=certs["other-ca.pem"], retry=NO_RETRIES, timeout=3
+        ) as client:
             with pytest.raises(UnavailableError) as caught:
                 client.predict(IMAGE)
             assert caught.value.request_sent is False
@@ -139,11 +190,17 @@ def test_grpc_tls_verifies_the_server(certs):
 def test_grpc_mutual_tls(certs):
     server = GrpcServer(credentials=grpc_credentials(certs, require_client_cert=True))
     try:
-        with GrpcClient(server.target, tls=True, root_certificates=certs["ca.pem"],
-                        client_certificate_chain=certs["client.pem"], client_private_key=certs["client.key"]) as client:
+        with GrpcClient(
+            server.target,
+            tls=True,
+            root_certificates=certs["ca.pem"],
+            client_certificate_chain=certs["client.pem"],
+            client_private_key=certs["client.key"],
+        ) as client:
             client.predict(IMAGE)
-        with GrpcClient(server.target, tls=True, root_certificates=certs["ca.pem"], retry=NO_RETRIES,
-                        timeout=3) as client:
+        with GrpcClient(
+            server.target, tls=True, root_certificates=certs["ca.pem"], retry=NO_RETRIES, timeout=3
+        ) as client:
             with pytest.raises(UnavailableError):
                 client.predict(IMAGE)
     finally:

@@ -63,4 +63,19 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "ClientConfigError",
+    "DeadlineExceededError",
+    "GrpcClient",
+    "InvalidInputError",
+    "MnistClientError",
+    "ModelMetadata",
+    "ModelVersionStatus",
+    "Prediction",
+    "ProtocolError",
+    "RestClient",
+    "RetryPolicy",
+    "ServerError",
+    "UnavailableError",
+    "to_model_input",
+]

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import grpc
-import numpy as np
 
 from mnist_client import contract
 from mnist_client._checks import check_model, positive_int, positive_seconds, wait_until_ready
@@ -48,7 +47,6 @@ from mnist_client.protos import (
     health_pb2,
     model_pb2,
     predict_pb2,
-    tensor_pb2,
 )
 from mnist_client.retry import RetryPolicy, call_with_retries, is_retryable_predict, is_retryable_probe
 from mnist_client.tensors import dtype_name, make_ndarray, make_tensor_proto
@@ -379,13 +377,12 @@ def _parse_metadata(response: get_model_metadata_pb2.GetModelMetadataResponse, s
     packed = response.metadata["signature_def"]
     if not packed.type_url.endswith(SIGNATURE_DEF_TYPE_URL_SUFFIX):
         raise ProtocolError(
-            f"GetModelMetadata signature_def has type {packed.type_url!r}; expected '...{SIGNATURE_DEF_TYPE_URL_SUFFIX}'"
+            f"GetModelMetadata signature_def has type {packed.type_url!r}; "
+            f"expected '...{SIGNATURE_DEF_TYPE_URL_SUFFIX}'"
         )
     signature_map = get_model_metadata_pb2.SignatureDefMap.FromString(packed.value)
     if signature_name not in signature_map.signature_def:
-        raise ProtocolError(
-            f"model has signatures {sorted(signature_map.signature_def)}; expected {signature_name!r}"
-        )
+        raise ProtocolError(f"model has signatures {sorted(signature_map.signature_def)}; expected {signature_name!r}")
     signature = signature_map.signature_def[signature_name]
     spec = response.model_spec
     return ModelMetadata(
@@ -450,7 +447,9 @@ def _pem(name: str, value: bytes | str | os.PathLike[str] | None) -> bytes | Non
         with open(value, "rb") as handle:
             return handle.read()
     except OSError as error:
-        raise ClientConfigError(f"{name} {os.fspath(value)!r} could not be read ({error}); expected a PEM file") from error
+        raise ClientConfigError(
+            f"{name} {os.fspath(value)!r} could not be read ({error}); expected a PEM file"
+        ) from error
 
 
 __all__ = ["GrpcClient", "PreparedPredict", "LOAD_BALANCING_POLICIES"]

@@ -43,9 +43,11 @@ def validate_images(images: Any) -> np.ndarray:
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.floating):
-        hint = " (convert integer pixels with .astype(np.uint8) if they are 0-255)" if np.issubdtype(
-            array.dtype, np.integer
-        ) else ""
+        hint = (
+            " (convert integer pixels with .astype(np.uint8) if they are 0-255)"
+            if np.issubdtype(array.dtype, np.integer)
+            else ""
+        )
         raise InvalidInputError(f"images have dtype {array.dtype}; expected float32/float64 or uint8{hint}")
 
     array = np.ascontiguousarray(array, dtype=contract.INPUT_DTYPE)

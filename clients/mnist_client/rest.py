@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,10 +27,10 @@ import urllib3
 import urllib3.exceptions
 
 from mnist_client import contract
+from mnist_client._checks import check_model, positive_int, positive_seconds, wait_until_ready
 from mnist_client.errors import (
     ClientConfigError,
     DeadlineExceededError,
-    InvalidInputError,
     MnistClientError,
     ProtocolError,
     ServerError,
@@ -40,7 +39,6 @@ from mnist_client.errors import (
 )
 from mnist_client.inputs import to_model_input, validate_images
 from mnist_client.prediction import ModelMetadata, ModelVersionStatus, Prediction, TensorSpec
-from mnist_client._checks import check_model, positive_int, positive_seconds, wait_until_ready
 from mnist_client.retry import RetryPolicy, call_with_retries, is_retryable_predict, is_retryable_probe
 
 logger = logging.getLogger(__name__)
@@ -103,8 +101,8 @@ class RestClient:
         headers: dict[str, str] | None = None,
     ) -> None:
         self._timeout = positive_seconds("timeout", timeout)
-        connect = min(self._timeout, 5.0) if connect_timeout is None else positive_seconds(
-            "connect_timeout", connect_timeout
+        connect = (
+            min(self._timeout, 5.0) if connect_timeout is None else positive_seconds("connect_timeout", connect_timeout)
         )
         if binary not in ("auto", True, False):
             raise ClientConfigError(f"binary is {binary!r}; expected True, False or 'auto'")

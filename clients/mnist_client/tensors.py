@@ -43,8 +43,10 @@ def make_tensor_proto(array: np.ndarray, *, use_tensor_content: bool = True) -> 
     array = np.asarray(array)
     key = array.dtype.newbyteorder("<")  # the wire is little-endian; equal to the native dtype on x86/ARM
     if key not in _NUMPY_TO_DTYPE:
-        raise TypeError(f"arrays of dtype {array.dtype} have no TensorProto mapping here; expected one of "
-                        f"{sorted(str(d) for d in _NUMPY_TO_DTYPE)}")
+        raise TypeError(
+            f"arrays of dtype {array.dtype} have no TensorProto mapping here; expected one of "
+            f"{sorted(str(d) for d in _NUMPY_TO_DTYPE)}"
+        )
     dtype = _NUMPY_TO_DTYPE[key]
     tensor = tensor_pb2.TensorProto(dtype=dtype)
     tensor.tensor_shape.dim.extend(tensor_pb2.TensorShapeProto.Dim(size=size) for size in array.shape)
