@@ -146,6 +146,14 @@ def _break_root(objs: list[dict[str, Any]]) -> None:
     del find(objs, "Deployment", "torch-rest")["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
 
 
+def _break_capabilities(objs: list[dict[str, Any]]) -> None:
+    _torch_container(objs)["securityContext"]["capabilities"] = {"drop": ["NET_RAW"]}
+
+
+def _break_seccomp(objs: list[dict[str, Any]]) -> None:
+    del find(objs, "Deployment", "torch-rest")["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]
+
+
 def _break_probe(objs: list[dict[str, Any]]) -> None:
     del _torch_container(objs)["readinessProbe"]
 
@@ -192,6 +200,8 @@ def _break_max_unavailable(objs: list[dict[str, Any]]) -> None:
         (_break_request_over_limit, "cpu request 2500m exceeds its limit 2"),
         (_break_bad_quantity, "'2 GB' is not a Kubernetes quantity"),
         (_break_root, "runAsNonRoot is not true"),
+        (_break_capabilities, "capabilities.drop does not include ALL"),
+        (_break_seccomp, "no RuntimeDefault (or Localhost) seccompProfile"),
         (_break_probe, "no readinessProbe"),
         (_break_probe_port, "livenessProbe uses port 'metrics', which the container does not declare"),
         (_break_grace, "preStop sleep 10s is not shorter than terminationGracePeriodSeconds 10s"),
@@ -233,3 +243,9 @@ def test_parse_quantity(value: str | int, expected: str) -> None:
 @pytest.mark.parametrize("image", ["repo/app:1.2.3", "localhost:5000/app:0.1.0-gpu", "app@sha256:" + "a" * 64])
 def test_pinned_images_pass(image: str) -> None:
     assert mc.image_problem(image) is None
+
+
+def test_namespace_enforces_the_restricted_pod_security_profile(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The API server itself then refuses any pod that slips past the policy above."""
+    namespace = find(rendered["storage"], "Namespace", mc.NAMESPACE)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"

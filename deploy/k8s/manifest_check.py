@@ -13,7 +13,8 @@ Three checks, none of which needs a cluster:
    in ``deploy/k8s/schemas/`` (their pod templates against the same Kubernetes
    schemas), plus the operator's admission rules.
 3. Policy: images pinned (no ``latest``, no missing tag), requests and limits
-   on every container, non-root, no privilege escalation, probes on every
+   on every container, Pod Security "restricted" (non-root, no privilege
+   escalation, all capabilities dropped, a seccomp profile), probes on every
    server, a preStop hook shorter than the grace period, and references that
    resolve (HPA and PDB to Deployments, Services to pods and named ports,
    volumes to PersistentVolumeClaims).
@@ -314,6 +315,11 @@ def container_problems(template: PodTemplate, gpu: bool) -> Iterator[str]:
             yield f"{where}: securityContext.allowPrivilegeEscalation is not false"
         if (container.get("securityContext") or {}).get("privileged"):
             yield f"{where}: runs privileged"
+        if "ALL" not in ((container.get("securityContext") or {}).get("capabilities") or {}).get("drop", []):
+            yield f"{where}: securityContext.capabilities.drop does not include ALL"
+        seccomp = (_effective(pod, container, "seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            yield f"{where}: no RuntimeDefault (or Localhost) seccompProfile"
         if role == "container" and long_running:
             for probe in ("livenessProbe", "readinessProbe"):
                 if probe not in container:
