@@ -37,13 +37,14 @@ RUN --mount=type=bind,source=docker/ca-certificates,target=/tmp/extra-ca \
 
 FROM python-base AS train
 ARG VARIANT
-# tensorflow-serving-api (installed without dependencies) writes the SavedModel's warm-up requests.
+# tensorflow-serving-api (installed without dependencies) writes the SavedModel's warm-up requests;
+# TensorBoard is not a dependency of TensorFlow any more, but tf.summary needs it.
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=requirements,target=/tmp/requirements \
     --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
     --mount=type=bind,source=docker/pip_install.py,target=/tmp/pip_install.py \
     --mount=type=bind,source=clients/pyproject.toml,target=/tmp/clients/pyproject.toml \
-    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml tensorflow tensorflow-serving-api tqdm setuptools \
+    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml tensorflow tensorflow-serving-api tensorboard tqdm setuptools \
  && install -d -o 10001 -g 10001 /models /runs /data/mnist
 WORKDIR /app
 # The client package (its dependencies are in the layer above) carries the model contract.
@@ -67,7 +68,7 @@ FROM ${TFSERVING_CPU_IMAGE} AS tfserving-cpu
 FROM tfserving-${VARIANT} AS server
 RUN groupadd --system --gid 10001 tfserving \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin tfserving
-COPY serving/tfserving/models.config serving/tfserving/batching_parameters.txt serving/tfserving/monitoring.config /etc/tfserving/
+COPY serving/tfserving/models.config serving/tfserving/batching_parameters.txt serving/tfserving/batching_parameters_cpu.txt serving/tfserving/monitoring.config /etc/tfserving/
 COPY docker/tfserving-entrypoint.sh /usr/local/bin/tfserving-entrypoint
 COPY docker/tfserving-healthcheck.sh /usr/local/bin/tfserving-healthcheck
 # Ports and model name read by the entrypoint and the healthcheck; share GPU memory with the

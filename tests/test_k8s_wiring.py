@@ -162,9 +162,22 @@ def test_tfserving_flags_match_the_contract_and_our_config(
     metrics_path = re.search(r'path:\s*"([^"]+)"', (config_dir / "monitoring.config").read_text())
     assert metrics_path and annotations["prometheus.io/path"] == metrics_path.group(1)
     assert int(annotations["prometheus.io/port"]) == contract.TFS_REST_PORT
-    # TensorFlow's thread pools follow the CPU limit.
+    # TensorFlow's thread pools and the batch threads follow the CPU limit; each device has its batching file.
     cpus = int(mc.parse_quantity(server["resources"]["limits"]["cpu"]))
-    assert int(flags["tensorflow_intra_op_parallelism"]) == cpus
+    assert int(flags["tensorflow_intra_op_parallelism"]) == int(flags["tensorflow_inter_op_parallelism"]) == cpus
+    batching_file = "batching_parameters.txt" if variant == "serving-gpu" else "batching_parameters_cpu.txt"
+    assert Path(flags["batching_parameters_file"]).name == batching_file
+    batch_threads = re.search(r"num_batch_threads\s*\{\s*value:\s*(\d+)", (config_dir / batching_file).read_text())
+    assert batch_threads and int(batch_threads.group(1)) == cpus
+
+
+def test_cpu_and_gpu_tfserving_differ_only_in_device_tuning(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    cpu, gpu = (
+        _flags(container(pod_spec(rendered[v], "tfserving"), "tfserving")["args"]) for v in ("serving-cpu", "serving-gpu")
+    )
+    tuning = {"batching_parameters_file", "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"}
+    assert cpu.keys() == gpu.keys()
+    assert {k: v for k, v in cpu.items() if k not in tuning} == {k: v for k, v in gpu.items() if k not in tuning}
 
 
 def test_tfserving_command_line_is_tensorflow_model_servers(rendered: dict[str, list[dict[str, Any]]]) -> None:
