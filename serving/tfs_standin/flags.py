@@ -253,3 +253,8 @@ def parse_channel_arguments(text: str) -> list[tuple[str, int | str]]:
         except ValueError:
             result.append((key, value))
     return result
+
+
+def tensorflow_model_server_flags() -> frozenset[str]:
+    """Every flag of the real tensorflow_model_server the stand-in knows, supported or refused."""
+    return frozenset(n for n in _FLAGS if not n.startswith("standin_")) | frozenset(_UNSUPPORTED) | {"version"}

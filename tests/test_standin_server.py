@@ -1,0 +1,267 @@
+"""The gRPC server around the services: health, graceful stop and SIGTERM, limits, deadlines, TLS, sockets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mnist_client import contract
+from serving.tfs_standin.flags import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, ServerOptions
+from serving.tfs_standin.server import ModelServer, ServerStartError, channel_arguments
+from tests.conftest import free_port
+from tests.test_standin_support import (
+    Stubs,
+    outputs,
+    running,
+    server_options,
+    stubs_for,
+    tf_model_copy,  # noqa: F401 - fixture
+    wait_for,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# A batch waits this long for company: it keeps calls in flight long enough to stop the server under them.
+SLOW_BATCH_SECONDS = 1.5
+
+
+@pytest.fixture(scope="module")
+def images(test_images: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return test_images[0][:100]
+
+
+@pytest.fixture
+def slow_batching(tmp_path: Path) -> Path:
+    path = tmp_path / "slow_batching.txt"
+    path.write_text(f"max_batch_size {{ value: 64 }}\nbatch_timeout_micros {{ value: {int(SLOW_BATCH_SECONDS * 1e6)} }}\n"
+                    "num_batch_threads { value: 1 }\n")
+    return path
+
+
+def test_health_service_reports_serving_and_unknown_services(tf_model_copy: Path) -> None:  # noqa: F811
+    with running(server_options(tf_model_copy)) as server, stubs_for(server) as stubs:
+        health = health_pb2_grpc.HealthStub(stubs.channel)
+        for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as caught:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_stop_finishes_in_flight_calls_and_refuses_new_ones(
+    tf_model_copy: Path, slow_batching: Path, images: np.ndarray  # noqa: F811
+) -> None:
+    options = server_options(tf_model_copy, enable_batching=True, batching_parameters_file=str(slow_batching))
+    server = ModelServer(options)
+    server.start()
+    server.wait_until_available(timeout=60)
+    stubs = Stubs(f"127.0.0.1:{server.port}")
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(stubs.predict, images[i : i + 1]) for i in range(4)]
+            time.sleep(0.3)  # all four wait in the open batch now
+            stopper = threading.Thread(target=server.stop, kwargs={"grace": 10})
+            stopper.start()
+            time.sleep(0.2)
+            with pytest.raises(grpc.RpcError) as refused:
+                stubs.predict(images[:1], timeout=5)
+            answers = [future.result(timeout=30) for future in in_flight]
+            stopper.join(30)
+    finally:
+        stubs.close()
+        server.stop()
+    assert [a.model_spec.version.value for a in answers] == [1, 1, 1, 1]
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_sigterm_lets_in_flight_calls_finish_and_exits_cleanly(
+    tf_model_copy: Path, slow_batching: Path, images: np.ndarray  # noqa: F811
+) -> None:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "serving.tfs_standin", f"--port={port}", "--standin_host=127.0.0.1",
+        f"--model_name={contract.MODEL_NAME}", f"--model_base_path={tf_model_copy}",
+        "--enable_batching", f"--batching_parameters_file={slow_batching}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    stubs = Stubs(f"127.0.0.1:{port}")
+    try:
+        def loaded() -> bool:
+            try:
+                return any(s.state == 30 for s in stubs.status())
+            except grpc.RpcError:
+                return False
+
+        wait_for(loaded, timeout=90, what="the stand-in process to load the model")
+        with ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(stubs.predict, images[i : i + 1]) for i in range(4)]
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            answers = [future.result(timeout=30) for future in in_flight]
+        exit_code = process.wait(timeout=60)
+    finally:
+        stubs.close()
+        if process.poll() is None:
+            process.kill()
+        log = process.communicate(timeout=30)[0]
+    assert [a.model_spec.version.value for a in answers] == [1, 1, 1, 1], log
+    assert exit_code == 0, log
+    assert "received SIGTERM" in log
+
+
+def test_message_size_limit(tf_model_copy: Path, images: np.ndarray) -> None:  # noqa: F811
+    image_bytes = images[0].nbytes
+    limit = 20 * image_bytes
+    options = server_options(tf_model_copy, grpc_channel_arguments=f"grpc.max_receive_message_length={limit}")
+    with running(options) as server, stubs_for(server) as stubs:
+        assert outputs(stubs.predict(images[:10]))[contract.CLASSES_NAME].shape == (10,)
+        with pytest.raises(grpc.RpcError) as caught:
+            stubs.predict(images[:40])
+        assert outputs(stubs.predict(images[:1]))[contract.CLASSES_NAME].shape == (1,)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_default_message_limit_is_set_and_overridable() -> None:
+    assert dict(channel_arguments(ServerOptions()))["grpc.max_receive_message_length"] == \
+        DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
+    custom = ServerOptions(grpc_channel_arguments="grpc.max_receive_message_length=1024,grpc.max_connection_age_ms=5")
+    assert dict(channel_arguments(custom)) == {
+        "grpc.max_receive_message_length": 1024,
+        "grpc.so_reuseport": 0,
+        "grpc.max_connection_age_ms": 5,
+    }
+
+
+def test_the_call_deadline_is_respected(
+    tf_model_copy: Path, slow_batching: Path, images: np.ndarray  # noqa: F811
+) -> None:
+    options = server_options(tf_model_copy, enable_batching=True, batching_parameters_file=str(slow_batching))
+    with running(options) as server, stubs_for(server) as stubs:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            stubs.predict(images[:1], timeout=0.3)
+        took = time.monotonic() - started
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < SLOW_BATCH_SECONDS
+
+
+def test_unix_socket(tf_model_copy: Path, tmp_path: Path, images: np.ndarray) -> None:  # noqa: F811
+    socket_path = tmp_path / "tfs.sock"
+    options = server_options(tf_model_copy, port=0, grpc_socket_path=str(socket_path))
+    with running(options) as server:
+        assert server.port == 0
+        stubs = Stubs(f"unix:{socket_path}")
+        try:
+            assert outputs(stubs.predict(images[:2]))[contract.CLASSES_NAME].shape == (2,)
+        finally:
+            stubs.close()
+
+
+def test_a_taken_port_is_a_clear_error(tf_model_copy: Path) -> None:  # noqa: F811
+    with running(server_options(tf_model_copy)) as first:
+        second = ModelServer(server_options(tf_model_copy, port=first.port))
+        with pytest.raises(ServerStartError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+            second.start()
+        second.stop()
+
+
+# --- TLS -------------------------------------------------------------------------------------------
+
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("standin-certs")
+    _openssl("req", "-x509", *EC_KEY, "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=standin-test-ca", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", *EC_KEY, "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.suffix in (".pem", ".key")}
+
+
+def _ssl_config(path: Path, certs: dict[str, bytes], client_verify: bool) -> Path:
+    lines = [
+        "server_key: " + _quoted(certs["server.key"]),
+        "server_cert: " + _quoted(certs["server.pem"]),
+        "custom_ca: " + _quoted(certs["ca.pem"]),
+        f"client_verify: {'true' if client_verify else 'false'}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _quoted(pem: bytes) -> str:
+    return '"' + pem.decode().replace("\n", "\\n") + '"'
+
+
+@pytest.fixture
+def tls_server(request: pytest.FixtureRequest, tf_model_copy: Path, tmp_path: Path,  # noqa: F811
+               certs: dict[str, bytes]) -> Iterator[ModelServer]:
+    config = _ssl_config(tmp_path / "ssl.config", certs, client_verify=request.param)
+    with running(server_options(tf_model_copy, ssl_config_file=str(config))) as server:
+        yield server
+
+
+def _tls_stubs(server: ModelServer, certs: dict[str, bytes], with_client_cert: bool) -> Stubs:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=certs["ca.pem"],
+        private_key=certs["client.key"] if with_client_cert else None,
+        certificate_chain=certs["client.pem"] if with_client_cert else None,
+    )
+    return Stubs(f"localhost:{server.port}", credentials)
+
+
+@pytest.mark.parametrize("tls_server", [False], indirect=True)
+def test_tls_serves_secure_clients_only(tls_server: ModelServer, certs: dict[str, bytes],
+                                        images: np.ndarray) -> None:
+    secure = _tls_stubs(tls_server, certs, with_client_cert=False)
+    plain = Stubs(f"127.0.0.1:{tls_server.port}")
+    try:
+        assert outputs(secure.predict(images[:2]))[contract.CLASSES_NAME].shape == (2,)
+        with pytest.raises(grpc.RpcError) as caught:
+            plain.predict(images[:1], timeout=5)
+    finally:
+        secure.close()
+        plain.close()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("tls_server", [True], indirect=True)
+def test_mutual_tls_requires_a_client_certificate(tls_server: ModelServer, certs: dict[str, bytes],
+                                                  images: np.ndarray) -> None:
+    with_cert = _tls_stubs(tls_server, certs, with_client_cert=True)
+    without_cert = _tls_stubs(tls_server, certs, with_client_cert=False)
+    try:
+        assert outputs(with_cert.predict(images[:2]))[contract.CLASSES_NAME].shape == (2,)
+        with pytest.raises(grpc.RpcError) as caught:
+            without_cert.predict(images[:1], timeout=5)
+    finally:
+        with_cert.close()
+        without_cert.close()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
