@@ -289,3 +289,15 @@ def test_grpc_predict_cut_off_by_a_dying_server_is_not_retried():
     error = outcome["error"]
     assert isinstance(error, UnavailableError) and error.request_sent is True, repr(error)
     assert server.behaviour.calls["predict"] == 1
+
+
+def test_grpc_ready_is_one_attempt_and_wait_until_ready_polls():
+    server = GrpcServer(Behaviour(fail_code=grpc.StatusCode.UNAVAILABLE, fail_times=2, fail_probes=True))
+    try:
+        with GrpcClient(server.target, retry=FAST) as client:
+            assert client.ready() is False
+            assert server.behaviour.calls["status"] == 1
+            client.wait_until_ready(timeout=5, poll_interval=0.01)
+            assert server.behaviour.calls["status"] == 3
+    finally:
+        server.stop()

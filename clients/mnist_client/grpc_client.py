@@ -246,25 +246,11 @@ class GrpcClient:
 
     def model_status(self, *, timeout: float | None = None) -> list[ModelVersionStatus]:
         """State of each version of the model (``ModelService/GetModelStatus``)."""
-        spec = model_pb2.ModelSpec(name=self.model_name)
-        if self.model_version is not None:
-            spec.version.value = self.model_version
-        request = get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
-        response = self._probe(self._get_status, request, timeout, "GetModelStatus")
-        return [
-            ModelVersionStatus(
-                version=status.version,
-                state=get_model_status_pb2.ModelVersionStatus.State.Name(status.state)
-                if status.state in get_model_status_pb2.ModelVersionStatus.State.values()
-                else "UNKNOWN",
-                error_code=_error_code_name(status.status.error_code),
-                error_message=status.status.error_message,
-            )
-            for status in response.model_version_status
-        ]
+        response = self._probe(self._get_status, self._status_request(), timeout, "GetModelStatus")
+        return _parse_model_status(response)
 
     def ready(self, *, timeout: float | None = None) -> bool:
-        """Whether the server can predict now; never raises for an unreachable or unready server.
+        """Whether the server can predict now (one attempt); never raises for an unreachable or unready server.
 
         ``readiness="model_status"``: a version of the model (the pinned one, if any) is AVAILABLE.
         ``readiness="health"``: the gRPC health service reports SERVING.
@@ -275,11 +261,11 @@ class GrpcClient:
                 request = health_pb2.HealthCheckRequest(service=self._health_service)
                 response = self._call(self._health_check, request, call_timeout, "Health/Check")
                 return response.status == health_pb2.HealthCheckResponse.SERVING
-            statuses = self.model_status(timeout=call_timeout)
+            response = self._call(self._get_status, self._status_request(), call_timeout, "GetModelStatus")
         except (UnavailableError, DeadlineExceededError, ServerError, ProtocolError) as error:
             logger.debug("%s not ready: %s", self.target, error)
             return False
-        return any(status.available for status in statuses)
+        return any(status.available for status in _parse_model_status(response))
 
     def wait_until_ready(self, timeout: float = 60.0, *, poll_interval: float = 0.1) -> None:
         """Block until :meth:`ready` is true; raise :class:`DeadlineExceededError` after ``timeout`` s."""
@@ -308,6 +294,12 @@ class GrpcClient:
 
     def _call_timeout(self, timeout: float | None) -> float:
         return self._timeout if timeout is None else positive_seconds("timeout", timeout)
+
+    def _status_request(self) -> get_model_status_pb2.GetModelStatusRequest:
+        spec = model_pb2.ModelSpec(name=self.model_name)
+        if self.model_version is not None:
+            spec.version.value = self.model_version
+        return get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
 
     def _probe(self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout: float | None, name: str) -> Any:
         return call_with_retries(
@@ -394,6 +386,19 @@ def _parse_metadata(response: get_model_metadata_pb2.GetModelMetadataResponse, s
         method_name=signature.method_name,
         raw=response,
     )
+
+
+def _parse_model_status(response: get_model_status_pb2.GetModelStatusResponse) -> list[ModelVersionStatus]:
+    states = get_model_status_pb2.ModelVersionStatus.State
+    return [
+        ModelVersionStatus(
+            version=status.version,
+            state=states.Name(status.state) if status.state in states.values() else "UNKNOWN",
+            error_code=_error_code_name(status.status.error_code),
+            error_message=status.status.error_message,
+        )
+        for status in response.model_version_status
+    ]
 
 
 def _tensor_spec(info: get_model_metadata_pb2.TensorInfo) -> TensorSpec:
