@@ -41,5 +41,9 @@ test: setup
 bench: setup
 	$(PY) -m bench.run_all --output-dir $(BENCH_DIR)
 
+# Regenerates the client's wire-compatible *_pb2.py from clients/mnist_client/protos/*.proto.
+protos: setup
+	clients/scripts/gen_protos.sh $(PY)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,6 +5,8 @@
 set -euo pipefail
 clients_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${1:-${PYTHON:-python3}}"
+# A relative interpreter path (.venv/bin/python) must survive the cd below.
+if [[ "$python" == */* ]]; then python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"; fi
 cd "$clients_dir"
 "$python" -m grpc_tools.protoc \
   --proto_path=. \
