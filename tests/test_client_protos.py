@@ -363,3 +363,18 @@ def test_client_works_in_one_process_with_tensorflow_and_tensorflow_serving_api(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SAME-PROCESS-OK" in result.stdout
+
+
+def test_committed_generated_modules_match_the_proto_files(tmp_path):
+    """Editing a .proto without `make protos` would leave stale *_pb2.py files: catch it."""
+    pytest.importorskip("grpc_tools")
+    clients = REPO / "clients"
+    protos = sorted((clients / "mnist_client" / "protos").glob("*.proto"))
+    command = [sys.executable, "-m", "grpc_tools.protoc", "--proto_path=.", f"--python_out={tmp_path}",
+               f"--pyi_out={tmp_path}", *(str(p.relative_to(clients)) for p in protos)]  # fmt: skip
+    subprocess.run(command, cwd=clients, check=True, capture_output=True, timeout=60)
+    for proto in protos:
+        for suffix in ("_pb2.py", "_pb2.pyi"):
+            name = proto.stem + suffix
+            generated = (tmp_path / "mnist_client" / "protos" / name).read_text()
+            assert (proto.parent / name).read_text() == generated, f"{name} is stale: run `make protos`"
