@@ -75,6 +75,7 @@ def run(
     reporter = Reporter(test_set.labels)
     phases = [(point, target) for point in config.points for target in config.targets]
     workers_needed = max(config.worker_processes(point) for point in config.points)
+    offsets = {target.name: 0 for target in config.targets}
     with WorkerPool() as pool:
         pool.ensure(workers_needed)
         for target in config.targets:
@@ -93,8 +94,10 @@ def run(
                 ),
                 payloads[target.name].image_indices,
             )
-            _run_phase(pool, config, target, point, len(payloads[target.name]), reporter, measurement,
-                       progress, stop, number, len(phases))
+            _run_phase(pool, config, target, point, len(payloads[target.name]), offsets[target.name], reporter,
+                       measurement, progress, stop, number, len(phases))
+            # The next sweep point carries on through the images where this one's measured requests stopped.
+            offsets[target.name] += measurement.requests
     return reporter.report(config.to_dict())
 
 
@@ -157,6 +160,7 @@ def _run_phase(
     target: Target,
     point: float,
     n_payloads: int,
+    payload_offset: int,
     reporter: Reporter,
     measurement: Measurement,
     progress: ProgressCallback | None,
@@ -168,7 +172,7 @@ def _run_phase(
     indices = list(range(workers))
     in_flight = config.in_flight(point)
     slots = [max(1, share(in_flight, workers, i)) for i in indices]
-    first_payloads = [i * n_payloads // workers for i in indices]
+    first_payloads = [(payload_offset + i * n_payloads // workers) % n_payloads for i in indices]
 
     # Warm-up: unmeasured calls on every worker, so connections, caches and the server are warm.
     warmup_shares = [share(config.warmup_requests, workers, i) for i in indices]
