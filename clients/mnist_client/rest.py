@@ -188,7 +188,7 @@ class RestClient:
         headers = {"Content-Type": prepared.content_type}
 
         def attempt(remaining: float) -> Prediction:
-            status, response_headers, data = self._request("POST", prepared.path, remaining, prepared.body, headers)
+            _, response_headers, data = self._request("POST", prepared.path, remaining, prepared.body, headers)
             return _parse_prediction(data, prepared.batch_size, response_headers)
 
         return call_with_retries(
