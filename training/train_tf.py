@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=_positive_int, default=128, help="images per step and replica")
     parser.add_argument("--lr", type=_positive_float, default=1e-3, help="initial learning rate (cosine decay to 0)")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="Adam, or SGD with momentum")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (ignored by adam)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (--optimizer sgd only)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, dropout, shuffling)")
     parser.add_argument(
         "--device",
