@@ -154,6 +154,18 @@ def test_pinned_version_predicts(client, reference):
     assert [p["classes"] for p in response.get_json()["predictions"]] == classes[:2].tolist()
 
 
+def test_flask_view_answers_like_the_fast_path(app, client, reference):
+    # The front door answers POST .../mnist:predict itself; the Flask view behind the same rule
+    # (for apps that mount the Flask app without the front door) must answer alike.
+    data = json.dumps({"instances": reference[0][:4].tolist()})
+    fast = client.post(PREDICT, data=data, content_type="application/json")
+    with app.test_request_context(PREDICT, method="POST", data=data, content_type="application/json"):
+        routed = app.view_functions["predict"]("mnist")
+    assert routed.status_code == fast.status_code == 200
+    assert routed.get_json() == fast.get_json()
+    assert routed.headers[MODEL_VERSION_HEADER] == fast.headers[MODEL_VERSION_HEADER] == "1"
+
+
 def test_missing_content_type_is_taken_as_json(client, reference):
     images = reference[0]
     response = client.post(PREDICT, data=json.dumps({"instances": images[:1].tolist()}))

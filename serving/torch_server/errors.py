@@ -34,10 +34,6 @@ class NotFound(ApiError):
     status = 404
 
 
-class LengthRequired(ApiError):
-    status = 411
-
-
 class PayloadTooLarge(ApiError):
     status = 413
 

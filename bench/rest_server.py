@@ -1,0 +1,356 @@
+"""The PyTorch REST server under gunicorn, driven by wrk, next to the in-process floor in one run.
+
+1. The floor: ``bench.inprocess.measure_torch`` on the newest TorchScript export (one intra-op
+   thread, as each worker runs): batch-1 latency and batch-256 images/s.
+2. The server as configured by ``serving/torch_server/gunicorn_conf.py`` (sync workers, one per
+   CPU, access log on), on 127.0.0.1 and a free port, driven by wrk with real MNIST test images
+   (``bench/rest_wrk.lua``, bodies as ``mnist_client`` sends them):
+   - single-image JSON at concurrency 1, 4 and 16: p50, p99, requests/s;
+   - batch-256 requests, JSON and ``.npy`` (uint8): images/s, one request at a time (the same
+     parallelism as the single-threaded floor) and two at a time (every worker busy).
+3. Micro-batching off and on at concurrency 16, with gthread workers (the only kind where requests
+   of one worker can meet), against the default sync workers.
+
+Ratios to the floor are computed from figures of this same run. Targets (2-core machine, wrk sharing
+the cores): >= 2,500 requests/s at concurrency 16, p50 <= 1.2 ms at concurrency 1, ``.npy``
+batch-256 >= 60% of the in-process images/s.
+
+    python -m bench.rest_server [--models-dir models] [--duration 4] [--no-batching-sweep]
+
+Needs ``wrk`` (Debian package ``wrk``). Writes ``<output-dir>/rest_server.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.inprocess import measure_torch, mnist_test_images
+from mnist_client import contract
+from serving.model_repository import latest_version, model_base_path
+
+log = logging.getLogger("bench.rest_server")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NAME = "rest_server"
+WRK_SCRIPT = Path(__file__).with_name("rest_wrk.lua")
+GUNICORN_CONF = REPO_ROOT / "serving" / "torch_server" / "gunicorn_conf.py"
+PREDICT_PATH = f"/v1/models/{contract.MODEL_NAME}:predict"
+SINGLE_BODIES = 500  # distinct single-image requests, cycled by wrk
+BATCH = 256
+BATCH_BODIES = 8
+CONCURRENCIES = (1, 4, 16)
+TARGETS = {"rps_c16_min": 2500.0, "p50_c1_max_ms": 1.2, "npy_batch_ratio_min": 0.6}
+
+
+# -- request bodies ---------------------------------------------------------------------------------
+
+
+def json_body(images: np.ndarray) -> bytes:
+    # As mnist_client.rest sends JSON: row form, float32 values as Python floats, compact separators.
+    return json.dumps({"instances": images.tolist()}, separators=(",", ":")).encode()
+
+
+def npy_body(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, pixels)
+    return buffer.getvalue()
+
+
+def write_bodies(folder: Path, name: str, bodies: list[bytes]) -> Path:
+    prefix = folder / name
+    for index, body in enumerate(bodies):
+        Path(f"{prefix}.{index}").write_bytes(body)
+    return prefix
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def gunicorn(base_path: Path, log_path: Path, **env: str) -> Iterator[str]:
+    """The server with gunicorn_conf.py and ``env`` on a free port; yields its URL once ready."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "MNIST_REST_HOST": "127.0.0.1",
+        "MNIST_REST_PORT": str(port),
+        "MNIST_REST_MODEL_BASE_PATH": str(base_path),
+        "MNIST_REST_ACCESS_LOG": str(log_path.with_suffix(".access.log")),
+        **env,
+    }
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.torch_server.app:create_app()"],
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_ready(url, process, log_path)
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {process.returncode}; log: {log_path}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"gunicorn not ready within {timeout:.0f} s; log: {log_path}")
+
+
+def check_predictions(url: str, images: np.ndarray, expected_classes: np.ndarray) -> None:
+    """Refuse to benchmark a server that does not answer like the in-process model."""
+    request = urllib.request.Request(
+        f"{url}{PREDICT_PATH}", data=json_body(images), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        got = [p[contract.CLASSES_NAME] for p in json.loads(response.read())["predictions"]]
+    if got != expected_classes.tolist():
+        raise RuntimeError("the server's classes differ from the in-process model's; not benchmarking it")
+
+
+# -- wrk --------------------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, prefix: Path, count: int, content_type: str, concurrency: int, duration_s: float) -> dict:
+    """One wrk run (one thread: it leaves the cores to the server); requests/s and latency in ms."""
+    command = [
+        "wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--timeout", "10s", "-s", str(WRK_SCRIPT),
+        f"{url}{PREDICT_PATH}", "--", str(prefix), str(count), content_type,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 60)
+    line = next((ln for ln in result.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if result.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (status {result.returncode}): {result.stdout}\n{result.stderr}")
+    raw = json.loads(line[len("WRK_JSON ") :])
+    seconds = raw["duration_us"] / 1e6
+    errors = sum(raw[k] for k in ("errors_connect", "errors_read", "errors_write", "errors_status", "errors_timeout"))
+    latency = raw["latency_us"]
+    return {
+        "concurrency": concurrency,
+        "requests": raw["requests"],
+        "errors": errors,
+        "requests_per_second": round(raw["requests"] / seconds, 1),
+        "p50_ms": latency["p50"] / 1000,
+        "p90_ms": latency["p90"] / 1000,
+        "p99_ms": latency["p99"] / 1000,
+        "max_ms": latency["max"] / 1000,
+    }
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.rest_server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results", help="JSON goes here")
+    parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models", help="models root (latest version)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
+    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the config's, CPUs)")
+    parser.add_argument(
+        "--no-batching-sweep", dest="batching_sweep", action="store_false", help="skip micro-batching on/off"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (Debian: apt-get install -y wrk)")
+    if args.duration <= 0:
+        raise ValueError(f"--duration {args.duration}: expected a positive number of seconds")
+    base = model_base_path(args.models_dir, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
+    version = latest_version(base)
+    if version is None:
+        raise FileNotFoundError(f"no TorchScript export under {base}; run `make train-torch` first")
+
+    images, labels = mnist_test_images()
+    pixels = (images * contract.PIXEL_SCALE).round().astype(np.uint8)  # the original uint8 test images
+    log.info("measuring the in-process floor on %s/%d", base, version)
+    floor = measure_torch(base, images, labels)
+    floor_b1_ms = floor["latency"]["1"]["median_ms"]
+    floor_images_per_s = floor["throughput"]["images_per_second"]
+
+    server_env = {} if args.workers is None else {"MNIST_REST_WORKERS": str(args.workers)}
+    workers = args.workers or len(os.sched_getaffinity(0))
+    result: dict[str, Any] = {
+        "model": {"base_path": str(base), "version": version},
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "wrk_threads": 1},
+        "duration_s": args.duration,
+        "workers": workers,
+        "floor": floor,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-rest-") as tmp:
+        folder = Path(tmp)
+        single = write_bodies(folder, "single", [json_body(images[i : i + 1]) for i in range(SINGLE_BODIES)])
+        batches = range(0, BATCH * BATCH_BODIES, BATCH)
+        batch_json = write_bodies(folder, "batch_json", [json_body(images[i : i + BATCH]) for i in batches])
+        batch_npy = write_bodies(folder, "batch_npy", [npy_body(pixels[i : i + BATCH]) for i in batches])
+        result["body_bytes"] = {
+            "single_json": Path(f"{single}.0").stat().st_size,
+            "batch_256_json": Path(f"{batch_json}.0").stat().st_size,
+            "batch_256_npy": Path(f"{batch_npy}.0").stat().st_size,
+        }
+
+        with gunicorn(base, folder / "default.log", **server_env) as url:
+            _, expected = floor_classes(base, images[:64])
+            check_predictions(url, images[:64], expected)
+            run_wrk(url, single, SINGLE_BODIES, "application/json", 4, 1.0)  # warm-up
+            single_runs = {}
+            for concurrency in CONCURRENCIES:
+                run = run_wrk(url, single, SINGLE_BODIES, "application/json", concurrency, args.duration)
+                run["p50_vs_floor"] = round(run["p50_ms"] / floor_b1_ms, 2)
+                run["rps_vs_floor"] = round(run["requests_per_second"] / (workers * 1000 / floor_b1_ms), 3)
+                single_runs[str(concurrency)] = run
+                log.info("single JSON c=%d: %s", concurrency, run)
+            result["single_image_json"] = single_runs
+
+            batch_runs: dict[str, Any] = {}
+            for label, prefix, content_type in (
+                ("json", batch_json, "application/json"),
+                ("npy", batch_npy, "application/x-npy"),
+            ):
+                for concurrency in (1, workers):
+                    run = run_wrk(url, prefix, BATCH_BODIES, content_type, concurrency, args.duration)
+                    run["images_per_second"] = round(run["requests_per_second"] * BATCH, 1)
+                    run["vs_floor"] = round(run["images_per_second"] / floor_images_per_s, 3)
+                    batch_runs[f"{label}_c{concurrency}"] = run
+                    log.info("batch-256 %s c=%d: %s", label, concurrency, run)
+            result["batch_256"] = batch_runs
+
+        if args.batching_sweep:
+            result["micro_batching"] = batching_sweep(base, folder, single, server_env, args.duration)
+
+    c1, c16 = result["single_image_json"]["1"], result["single_image_json"]["16"]
+    result["targets"] = {
+        **TARGETS,
+        "rps_c16": c16["requests_per_second"],
+        "p50_c1_ms": c1["p50_ms"],
+        "npy_batch_ratio": result["batch_256"]["npy_c1"]["vs_floor"],
+        "met": {
+            "rps_c16": c16["requests_per_second"] >= TARGETS["rps_c16_min"],
+            "p50_c1": c1["p50_ms"] <= TARGETS["p50_c1_max_ms"],
+            "npy_batch": result["batch_256"]["npy_c1"]["vs_floor"] >= TARGETS["npy_batch_ratio_min"],
+        },
+    }
+    print(format_table(result))
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def floor_classes(base: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from bench.inprocess import load_torchscript
+
+    predict, _ = load_torchscript(base)
+    return predict(np.ascontiguousarray(images))
+
+
+def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str, str], duration: float) -> dict:
+    """Single-image JSON at concurrency 16: sync workers, gthread workers, gthread + micro-batching."""
+    variants = {
+        "sync": {},
+        "gthread": {"MNIST_REST_THREADS": "8"},
+        "gthread_batching": {
+            "MNIST_REST_THREADS": "8",
+            "MNIST_REST_BATCHING": "on",
+            "MNIST_REST_BATCH_MAX_SIZE": "16",
+            "MNIST_REST_BATCH_TIMEOUT_MICROS": "500",
+        },
+    }
+    runs = {}
+    for name, env in variants.items():
+        with gunicorn(base, folder / f"{name}.log", **server_env, **env) as url:
+            run_wrk(url, single, SINGLE_BODIES, "application/json", 16, 1.0)  # warm-up
+            runs[name] = {"env": env, **run_wrk(url, single, SINGLE_BODIES, "application/json", 16, duration)}
+            log.info("micro-batching sweep %s: %s", name, runs[name])
+    return runs
+
+
+def format_table(result: dict[str, Any]) -> str:
+    floor = result["floor"]
+    b1 = floor["latency"]["1"]["median_ms"]
+    lines = [
+        f"in-process floor (1 thread): batch-1 median {b1:.3f} ms, "
+        f"batch-256 {floor['throughput']['images_per_second']:,.0f} images/s",
+        "",
+        f"{'single-image JSON':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p50/floor':>11}{'errors':>8}",
+    ]
+    for concurrency, run in result["single_image_json"].items():
+        lines.append(
+            f"{'concurrency ' + concurrency:<22}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}"
+            f"{run['p99_ms']:>9.3f}{run['p50_vs_floor']:>11.2f}{run['errors']:>8}"
+        )
+    lines += ["", f"{'batch-256':<22}{'images/s':>10}{'p50 ms':>9}{'vs floor':>11}{'errors':>8}"]
+    for name, run in result["batch_256"].items():
+        lines.append(
+            f"{name:<22}{run['images_per_second']:>10,.0f}{run['p50_ms']:>9.1f}{run['vs_floor']:>11.2f}"
+            f"{run['errors']:>8}"
+        )
+    if "micro_batching" in result:
+        lines += ["", f"{'concurrency 16':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
+        for name, run in result["micro_batching"].items():
+            lines.append(f"{name:<22}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}{run['p99_ms']:>9.3f}")
+    t = result["targets"]
+    lines += [
+        "",
+        f"targets: c16 {t['rps_c16']:,.0f} req/s (>= {t['rps_c16_min']:,.0f}: {_ok(t['met']['rps_c16'])}), "
+        f"c1 p50 {t['p50_c1_ms']:.3f} ms (<= {t['p50_c1_max_ms']}: {_ok(t['met']['p50_c1'])}), "
+        f".npy batch-256 {t['npy_batch_ratio']:.2f} of floor (>= {t['npy_batch_ratio_min']}: "
+        f"{_ok(t['met']['npy_batch'])})",
+    ]
+    return "\n".join(lines)
+
+
+def _ok(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+if __name__ == "__main__":
+    main()
