@@ -60,9 +60,12 @@ ENV MNIST_CACHE_DIR=/data \
 USER 10001:10001
 CMD ["python", "-m", "training.train_tf", "--output-dir", "/models", "--log-dir", "/runs", "--skip-if-exists"]
 
-# Only the stage of the chosen VARIANT is built (and pulled).
+# Only the stage of the chosen VARIANT is built (and pulled). Each variant batches its own way
+# (serving/tfserving/batching_parameters*.txt explain why); the entrypoint reads the file named here.
 FROM ${TFSERVING_GPU_IMAGE} AS tfserving-gpu
+ENV TFS_BATCHING_PARAMETERS_FILE=/etc/tfserving/batching_parameters.txt
 FROM ${TFSERVING_CPU_IMAGE} AS tfserving-cpu
+ENV TFS_BATCHING_PARAMETERS_FILE=/etc/tfserving/batching_parameters_cpu.txt
 # The stage name is chosen by VARIANT; both images are pinned above.
 # hadolint ignore=DL3006
 FROM tfserving-${VARIANT} AS server

@@ -37,11 +37,12 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && install -d -o 10001 -g 10001 /reports /data/mnist
 RUN --mount=type=bind,source=clients,target=/tmp/clients,rw \
     pip install --no-cache-dir --no-deps --no-build-isolation /tmp/clients
+COPY docker/loadtest-entrypoint.sh /usr/local/bin/loadtest-entrypoint
 # The MNIST test images come from the /data/mnist mount (MNIST_CACHE_DIR/mnist).
 ENV MNIST_CACHE_DIR=/data
 WORKDIR /reports
 USER 10001:10001
 # A client, not a server: nothing to probe.
 HEALTHCHECK NONE
-ENTRYPOINT ["mnist-loadtest"]
+ENTRYPOINT ["bash", "/usr/local/bin/loadtest-entrypoint"]
 CMD ["--help"]

@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -579,6 +580,7 @@ def _loadtest_entry() -> Path:
 
 
 IMAGES = {
+    # torch.utils.tensorboard needs TensorBoard (an optional dependency of torch).
     "torch-train": (REPO / "Dockerfile.torch", "train", [REPO / "training" / "train_torch.py"], ["tensorboard"]),
     "torch-rest": (
         REPO / "Dockerfile.torch",
@@ -586,7 +588,8 @@ IMAGES = {
         [REPO / "serving" / "torch_server" / "app.py", REPO / "serving" / "torch_server" / "gunicorn_conf.py"],
         ["gunicorn"],
     ),
-    "tf-train": (REPO / "Dockerfile.tf", "train", [REPO / "training" / "train_tf.py"], []),
+    # tf.summary needs TensorBoard, which TensorFlow no longer depends on; imports cannot show it.
+    "tf-train": (REPO / "Dockerfile.tf", "train", [REPO / "training" / "train_tf.py"], ["tensorboard"]),
     "loadtest": (REPO / "docker" / "loadtest.Dockerfile", "loadtest", None, []),
 }
 
@@ -707,6 +710,94 @@ def test_shell_scripts_are_executable_bash_with_lf_endings(script: Path) -> None
     assert data.startswith(b"#!/usr/bin/env bash\n")
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=10)
+
+
+def _fake_command(directory: Path, name: str) -> None:
+    """An executable ``name`` in ``directory`` that prints its arguments, one per line."""
+    path = directory / name
+    path.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    path.chmod(0o755)
+
+
+def _tfserving_copied_files() -> set[str]:
+    server = stages(REPO / "Dockerfile.tf")["server"]
+    copied: set[str] = set()
+    for instruction in server.instructions:
+        if instruction.keyword == "COPY":
+            *sources, destination = shlex.split(instruction.arguments)
+            if destination.rstrip("/") == "/etc/tfserving":
+                copied.update(f"/etc/tfserving/{Path(source).name}" for source in sources)
+    return copied
+
+
+def test_tfserving_entrypoint_runs_the_model_server_with_the_stack_config(tmp_path: Path) -> None:
+    _fake_command(tmp_path, "tensorflow_model_server")
+    variant_env = {name: env_of(REPO / "Dockerfile.tf", name)["TFS_BATCHING_PARAMETERS_FILE"]
+                   for name in ("tfserving-gpu", "tfserving-cpu")}  # fmt: skip
+    assert variant_env["tfserving-gpu"] != variant_env["tfserving-cpu"], "each variant batches its own way"
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+        "TFS_GRPC_PORT": str(contract.TFS_GRPC_PORT),
+        "TFS_REST_PORT": str(contract.TFS_REST_PORT),
+        "TFS_BATCHING_PARAMETERS_FILE": variant_env["tfserving-cpu"],
+    }
+    script = REPO / "docker" / "tfserving-entrypoint.sh"
+    result = subprocess.run(
+        ["bash", str(script), "--file_system_poll_wait_seconds=30"],
+        env=env, capture_output=True, text=True, timeout=20, check=True,
+    )  # fmt: skip
+    args = result.stdout.splitlines()
+    assert f"--port={contract.TFS_GRPC_PORT}" in args
+    assert f"--rest_api_port={contract.TFS_REST_PORT}" in args
+    assert "--enable_batching=true" in args
+    assert f"--batching_parameters_file={variant_env['tfserving-cpu']}" in args
+    assert args[-1] == "--file_system_poll_wait_seconds=30", "extra arguments come last, so they win"
+    # Every configuration file the server is pointed at is one the image carries.
+    referenced = {a.partition("=")[2] for a in args if "=/etc/tfserving/" in a} | set(variant_env.values())
+    assert referenced <= _tfserving_copied_files(), referenced - _tfserving_copied_files()
+    for path in _tfserving_copied_files():
+        assert (REPO / "serving" / "tfserving" / Path(path).name).is_file()
+
+
+def test_tfserving_entrypoint_refuses_to_start_without_its_ports(tmp_path: Path) -> None:
+    _fake_command(tmp_path, "tensorflow_model_server")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TFS_")}
+    env["PATH"] = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+    script = REPO / "docker" / "tfserving-entrypoint.sh"
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode != 0 and "TFS_GRPC_PORT must be set" in result.stderr
+
+
+def _loadtest_entrypoint(tmp_path: Path, reports: Path, as_nobody: bool) -> subprocess.CompletedProcess:
+    _fake_command(tmp_path, "mnist-loadtest")
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "LOADTEST_REPORTS_DIR": str(reports)}
+    command = ["bash", str(REPO / "docker" / "loadtest-entrypoint.sh"), "run", "--rest", "http://x:8080"]
+    if as_nobody:
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=20, check=False)
+
+
+def test_loadtest_entrypoint_passes_its_arguments_to_the_load_tester(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    result = _loadtest_entrypoint(tmp_path, reports, as_nobody=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["run", "--rest", "http://x:8080"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to switch user")
+def test_loadtest_entrypoint_stops_at_once_when_reports_are_not_writable() -> None:
+    # Outside pytest's private tmp tree, so the unprivileged user can reach the folder and the fake.
+    with tempfile.TemporaryDirectory() as scratch:
+        base = Path(scratch)
+        base.chmod(0o755)
+        reports = base / "reports"
+        reports.mkdir(mode=0o755)  # root's, like the folder Docker creates for a missing ./reports
+        result = _loadtest_entrypoint(base, reports, as_nobody=True)
+    assert result.returncode == 2
+    assert "cannot write reports" in result.stderr and "LOADTEST_USER" in result.stderr
+    assert result.stdout == "", "the load tester must not run"
 
 
 class _FakeServer:
