@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             full = [args.python, "-m", "pip", *(str(constraints) if a == "CONSTRAINTS" else a for a in command)]
             print("+", shlex.join(full), flush=True)
             if not args.dry_run:
-                subprocess.run(full, check=True)
+                returncode = subprocess.run(full, check=False).returncode
+                if returncode != 0:
+                    print(f"pip_install: pip failed (exit status {returncode}); see its messages above", file=sys.stderr)
+                    return returncode
     return 0
 
 
