@@ -111,7 +111,7 @@ _FLAGS: dict[str, _Flag] = {
     "tensorflow_intra_op_parallelism": _Flag(
         "tensorflow_intra_op_parallelism", int, "threads that one op may use (0: auto)", _at_least(0)),
     "tensorflow_inter_op_parallelism": _Flag(
-        "tensorflow_inter_op_parallelism", int, "ops run at once (0: auto)", _at_least(0)),
+        "tensorflow_inter_op_parallelism", int, "ops run at once (0: auto; negative: in the calling thread)"),
     "saved_model_tags": _Flag("saved_model_tags", str, "comma-separated tags of the MetaGraph to load"),
     "enable_model_warmup": _Flag("enable_model_warmup", bool, "replay assets.extra/tf_serving_warmup_requests "
                                  "before a version serves"),

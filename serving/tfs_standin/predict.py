@@ -83,16 +83,15 @@ class DirectRunner:
         return servable.run(signature, inputs, fetch, timeout_ms(deadline, "the model ran"))
 
 
-def _where(signature: Signature, servable: Servable) -> str:
-    return f"signature {signature.name} of model {servable.name} version {servable.version}"
-
-
 def _shape_text(dims: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in dims) + "]"
 
 
-def decode_tensor(proto: tensor_pb2.TensorProto, spec: TensorSpec, where: str) -> np.ndarray:
-    """The ndarray in ``proto``, checked against ``spec``; INVALID_ARGUMENT if it does not fit."""
+def decode_tensor(proto: tensor_pb2.TensorProto, spec: TensorSpec, where: str = "the signature") -> np.ndarray:
+    """The ndarray in ``proto``, checked against ``spec``; INVALID_ARGUMENT if it does not fit.
+
+    ``where`` names the signature in error messages ("signature serving_default of model ...").
+    """
     alias = spec.alias
     if proto.dtype != spec.dtype:
         got = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else proto.dtype
@@ -104,13 +103,18 @@ def decode_tensor(proto: tensor_pb2.TensorProto, spec: TensorSpec, where: str) -
         raise status.invalid_argument(f"input '{alias}' has an unknown rank; {where} expects shape {spec.shape_text()}")
     dims = tuple(d.size for d in shape_proto.dim)
     expected = spec.shape
-    if expected is not None and (
-        len(dims) != len(expected) or any(e is not None and d != e for d, e in zip(dims, expected))
-    ):
-        raise status.invalid_argument(
-            f"input '{alias}' has shape {_shape_text(dims)}, but {where} expects {spec.shape_text()} (-1: any size)"
-        )
-    if any(d < 0 for d in dims):
+    if expected is not None:
+        fits = len(dims) == len(expected)
+        if fits:
+            for got, want in zip(dims, expected):
+                if want is not None and got != want:
+                    fits = False
+                    break
+        if not fits:
+            raise status.invalid_argument(
+                f"input '{alias}' has shape {_shape_text(dims)}, but {where} expects {spec.shape_text()} (-1: any size)"
+            )
+    if dims and min(dims) < 0:
         raise status.invalid_argument(f"input '{alias}' has shape {_shape_text(dims)}; sizes must not be negative")
     count = math.prod(dims)
     content = proto.tensor_content
@@ -154,9 +158,7 @@ def _decode_values(proto: tensor_pb2.TensorProto, spec: TensorSpec, dims: tuple[
     return flat.reshape(dims)
 
 
-def decode_inputs(
-    request_inputs: Mapping[str, tensor_pb2.TensorProto], signature: Signature, servable: Servable
-) -> list[np.ndarray]:
+def decode_inputs(request_inputs: Mapping[str, tensor_pb2.TensorProto], signature: Signature) -> list[np.ndarray]:
     """The request's inputs as arrays in ``signature.input_order``."""
     expected = signature.input_order
     if len(request_inputs) != len(expected):
@@ -166,7 +168,7 @@ def decode_inputs(
             f"!= len({{{','.join(sorted(wanted))}}}). Sent extra: {{{','.join(sorted(sent - wanted))}}}. "
             f"Missing but required: {{{','.join(sorted(wanted - sent))}}}."
         )
-    where = _where(signature, servable)
+    where = signature.where
     arrays = []
     for alias in expected:
         if alias not in request_inputs:
@@ -221,7 +223,7 @@ def predict(
     spec = request.model_spec
     signature_name = spec.signature_name or DEFAULT_SIGNATURE_KEY
     signature = servable.signature(signature_name)
-    inputs = decode_inputs(request.inputs, signature, servable)
+    inputs = decode_inputs(request.inputs, signature)
     fetch = output_aliases(request.output_filter, signature)
     outputs = runner.run(servable, signature, inputs, fetch, deadline)
 

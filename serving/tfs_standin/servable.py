@@ -65,9 +65,10 @@ class Signature:
     outputs: Mapping[str, TensorSpec]
     input_order: tuple[str, ...]  # sorted aliases: the feed order of the callables
     output_order: tuple[str, ...]  # sorted aliases: the default fetch order
+    where: str = "the signature"  # for error messages: "signature <name> of model <model> version <n>"
 
 
-def _signature(name: str, proto: meta_graph_pb2.SignatureDef) -> Signature:
+def _signature(name: str, proto: meta_graph_pb2.SignatureDef, where: str) -> Signature:
     def specs(infos: Mapping[str, meta_graph_pb2.TensorInfo]) -> dict[str, TensorSpec]:
         return {
             alias: TensorSpec(alias, info.name, info.dtype, _numpy_dtype(info.dtype), _shape(info.tensor_shape))
@@ -76,7 +77,7 @@ def _signature(name: str, proto: meta_graph_pb2.SignatureDef) -> Signature:
         }
 
     inputs, outputs = specs(proto.inputs), specs(proto.outputs)
-    return Signature(name, inputs, outputs, tuple(sorted(inputs)), tuple(sorted(outputs)))
+    return Signature(name, inputs, outputs, tuple(sorted(inputs)), tuple(sorted(outputs)), where)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,9 @@ class Servable:
             raise
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = dict(meta_graph.signature_def)
         self.signatures: dict[str, Signature] = {
-            key: _signature(key, proto) for key, proto in self.signature_defs.items() if key != INIT_OP_SIGNATURE_KEY
+            key: _signature(key, proto, f"signature {key} of model {name} version {version}")
+            for key, proto in self.signature_defs.items()
+            if key != INIT_OP_SIGNATURE_KEY
         }
         if not self.signatures:
             self._session.close()
