@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
@@ -148,3 +150,24 @@ def test_open_loop_reports_intended_and_achieved_rate(test_set, protocol):
     assert 0.7 < m.elapsed_s < 2.0
     assert m.summary()["intended_rps"] == 80.0
     assert m.summary()["achieved_rps"] == pytest.approx(m.throughput_rps)
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_stop_ends_the_phase_early_and_lets_calls_in_flight_finish(test_set, protocol):
+    oracle = Oracle(test_set.images, test_set.labels)
+    behaviour = Behaviour(delay_s=0.05, from_call=2)  # every call is in flight for a while
+    server = RestServer(oracle, behaviour) if protocol == "rest" else GrpcServer(oracle, behaviour)
+    stop = threading.Event()
+    with server:
+        address = server.url if protocol == "rest" else server.target
+        timer = threading.Timer(1.0, stop.set)
+        timer.start()
+        try:
+            report = run(config(parse_target(address, protocol), requests=None, duration_s=30.0,
+                                concurrency=(4, 8)), stop=stop)
+        finally:
+            timer.cancel()
+    (m,) = report.measurements  # the second sweep point never started
+    assert m.ok > 0 and not m.errors  # nothing was cut off mid-call
+    assert m.elapsed_s < 10.0
+    assert behaviour.predicts == 1 + 4 + m.ok  # pre-flight, warm-up, and every measured call answered

@@ -143,7 +143,10 @@ class GrpcEngine:
 
     def _outcome(self, future: grpc.Future, payload: int) -> tuple[str, object]:
         """("ok", class bytes) or ("error", (kind, code, message)) for a finished call."""
-        error = future.exception()
+        try:
+            error = future.exception()
+        except grpc.FutureCancelledError:  # the channel was closed under it
+            return "error", ("unavailable", "CANCELLED", f"{self._what}: call cancelled (channel closed)")
         if error is None:
             try:
                 response = predict_pb2.PredictResponse.FromString(future.result())

@@ -166,11 +166,12 @@ class HttpEngine:
         last_end = time.monotonic_ns()
         next_timeout_check = last_end + _TIMEOUT_CHECK_NS
         monotonic_ns = time.monotonic_ns
+        stopping = False  # asked to stop: send nothing more, let the requests in flight finish
         try:
             while True:
                 now = monotonic_ns()
                 # Start every request that is due while a slot is free.
-                while len(conns) < slots:
+                while not stopping and len(conns) < slots:
                     intended = pacer.take(now)
                     if intended is None:
                         break
@@ -183,20 +184,19 @@ class HttpEngine:
                     else:
                         last_end = now
                 if not conns:
-                    next_due = pacer.next_due_ns(now)
+                    next_due = None if stopping else pacer.next_due_ns(now)
                     if next_due is None:
                         break
                     wait_s = (next_due - now) / 1e9
                 else:
-                    next_due = pacer.next_due_ns(now) if len(conns) < slots else None
+                    next_due = pacer.next_due_ns(now) if len(conns) < slots and not stopping else None
                     wait_s = min(
                         (next_due - now) / 1e9 if next_due is not None else 1.0,
                         (next_timeout_check - now) / 1e9,
                     )
                 if now >= sink.next_flush_ns:
                     sink.flush(now)
-                    if should_stop():
-                        break
+                    stopping = stopping or should_stop()
                     wait_s = min(wait_s, 0.1)
                 events = poller.poll(wait_s) if wait_s > 0 else poller.poll(0)
                 for fd, event in events:
