@@ -114,7 +114,7 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert excinfo.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for expected in (
-        "--epochs EPOCHS passes over the training set (default: 3)",
+        "--epochs EPOCHS passes over the training set (default: 4)",
         "(default: 128)",
         "(default: adam)",
         "(default: 0.003 for adam, 0.05 for sgd)",

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the MNIST CNN in PyTorch and export it as TorchScript.",
         formatter_class=_DefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=positive_int, default=3, help="passes over the training set")
+    parser.add_argument("--epochs", type=positive_int, default=4, help="passes over the training set")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step (per process)")
     parser.add_argument(
         "--lr", type=positive_float, default=None, help="peak learning rate (default: 0.003 for adam, 0.05 for sgd)"
@@ -322,6 +322,7 @@ def _load_data(args: argparse.Namespace, info: DistInfo) -> tuple[Path, mnist_da
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, log to TensorBoard, export; return a summary (``export_path`` is set on rank 0 only)."""
+    started = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
@@ -358,10 +359,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if info.enabled:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train_and_export(args, lr, info, device)
+        summary = _train_and_export(args, lr, info, device)
     finally:
         if info.enabled:
             dist.destroy_process_group()
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if info.is_main:
+        log.info(
+            "done in %.0fs: test accuracy %.4f on %d images, %.0fs training (%.0f images/s), version %d at %s",
+            summary["wall_seconds"], summary["test_accuracy"], summary["test_examples"], summary["train_seconds"],
+            summary["images_per_second"], summary["version"], summary["export_path"],
+        )
+    return summary
 
 
 def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, device: torch.device) -> dict[str, Any]:
@@ -482,11 +491,6 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
     # The export's own load-back accuracy is the figure of record (same images as evaluate()).
     metadata = json.loads((export_path / contract.METADATA_FILENAME).read_text())
     summary.update(export_path=str(export_path), version=metadata["version"], test_accuracy=metadata["test_accuracy"])
-    log.info(
-        "done: test accuracy %.4f on %d images, %.1fs training (%.0f images/s), exported version %d to %s",
-        summary["test_accuracy"], len(test), train_seconds, summary["images_per_second"], summary["version"],
-        export_path,
-    )
     return summary
 
 
