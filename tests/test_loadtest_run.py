@@ -158,15 +158,15 @@ def test_stop_ends_the_phase_early_and_lets_calls_in_flight_finish(test_set, pro
     behaviour = Behaviour(delay_s=0.05, from_call=2)  # every call is in flight for a while
     server = RestServer(oracle, behaviour) if protocol == "rest" else GrpcServer(oracle, behaviour)
     stop = threading.Event()
+
+    def stop_once_measuring(progress) -> None:
+        if progress.completed >= 20:
+            stop.set()
+
     with server:
         address = server.url if protocol == "rest" else server.target
-        timer = threading.Timer(1.0, stop.set)
-        timer.start()
-        try:
-            report = run(config(parse_target(address, protocol), requests=None, duration_s=30.0,
-                                concurrency=(4, 8)), stop=stop)
-        finally:
-            timer.cancel()
+        report = run(config(parse_target(address, protocol), requests=None, duration_s=30.0, concurrency=(4, 8)),
+                     progress=stop_once_measuring, stop=stop)
     (m,) = report.measurements  # the second sweep point never started
     assert m.ok > 0 and not m.errors  # nothing was cut off mid-call
     assert m.elapsed_s < 10.0

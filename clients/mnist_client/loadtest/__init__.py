@@ -20,6 +20,7 @@ The command line (``mnist-loadtest run|merge|compare``) is a thin layer over the
 :mod:`.printers` (table, JSON, CSV, HTML), :mod:`.merge`, :mod:`.compare`, :mod:`.cli`.
 """
 
+from mnist_client.loadtest.compare import CompareLimits, Comparison, compare_reports
 from mnist_client.loadtest.config import LoadTestConfig, Target, Thresholds, parse_target
 from mnist_client.loadtest.errors import (
     ConfigError,
@@ -28,10 +29,13 @@ from mnist_client.loadtest.errors import (
     ResultFileError,
     TargetUnreachableError,
 )
+from mnist_client.loadtest.merge import merge_files, merge_reports
 from mnist_client.loadtest.report import Report, load_report
 from mnist_client.loadtest.runner import Progress, run
 
 __all__ = [
+    "CompareLimits",
+    "Comparison",
     "ConfigError",
     "DataError",
     "LoadTestConfig",
@@ -42,7 +46,10 @@ __all__ = [
     "Target",
     "TargetUnreachableError",
     "Thresholds",
+    "compare_reports",
     "load_report",
+    "merge_files",
+    "merge_reports",
     "parse_target",
     "run",
 ]

@@ -190,7 +190,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (Ctrl-C reaches it too)
+    _raise_open_file_limit()
     worker_main(multiprocessing.connection.Connection(args.fd), args.index)
+
+
+def _raise_open_file_limit() -> None:
+    """One socket per in-flight request: lift the soft open-files limit to the hard one where allowed."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+        if wanted > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError) as exc:  # pragma: no cover - platform dependent
+        log.debug("open-files limit left as is: %s", exc)
 
 
 class WorkerPool:
