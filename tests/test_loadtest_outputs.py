@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from mnist_client.loadtest import load_report
-from mnist_client.loadtest.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, main
+from mnist_client.loadtest import Thresholds, load_report
+from mnist_client.loadtest.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, ProgressDisplay, main
 from mnist_client.loadtest.payload import load_test_set
 from mnist_client.loadtest.printers import format_table
 from mnist_client.loadtest.records import RecordBatch
 from mnist_client.loadtest.report import Report
 from mnist_client.loadtest.reporter import Reporter
+from mnist_client.loadtest.runner import Progress
 from mnist_client.loadtest.stats import LatencyHistogram, Measurement
 from tests.conftest import free_port
 from tests.loadtest_servers import Behaviour, GrpcServer, Oracle, RestServer
@@ -251,3 +252,38 @@ def test_table_of_an_empty_sweep_point_is_readable():
     report = Report(measurements=[Measurement("rest", "rest", "http://h:1", "closed", 1, 1)])
     text = format_table(report)
     assert "rest" in text and "served accuracy  rest: -" in text
+
+
+def test_latency_limits_fail_when_every_request_failed():
+    m = Measurement("rest", "rest", "http://h:1", "closed", 1, 1)
+    m.record_error("unavailable", "UNAVAILABLE", "refused")
+    failures = Report(measurements=[m]).check(Thresholds(max_p99_ms=10))
+    assert failures == ["rest at concurrency 1: no successful request, so no p99 to hold to 10 ms"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _progress(**changes) -> Progress:
+    base = dict(target="rest", mode="closed", point=4.0, phase=1, phases=2, completed=50, errors=1, elapsed_s=0.5,
+                total_requests=None, duration_s=2.0)
+    return Progress(**{**base, **changes})
+
+
+def test_progress_bar_on_a_terminal_and_status_lines_in_logs():
+    terminal = _Terminal()
+    display = ProgressDisplay(terminal)
+    display(_progress())
+    display(_progress(completed=200, elapsed_s=2.0, finished=True))
+    display.close()
+    shown = terminal.getvalue()
+    assert "[1/2] rest c=4" in shown and "200 req, 1 err, 100 req/s" in shown
+
+    log = io.StringIO()
+    display = ProgressDisplay(log, interval_s=60.0)
+    display(_progress())  # within the first interval: quiet
+    display(_progress(phase=2, target="grpc", mode="open", point=100.0, completed=300, elapsed_s=3.0,
+                      total_requests=300, finished=True))
+    assert log.getvalue() == "[2/2] grpc rate=100: done, 300 requests, 1 errors, 100 req/s\n"

@@ -33,12 +33,12 @@ class Change:
     target: str
     mode: str
     point: float
-    baseline: dict[str, float]
-    candidate: dict[str, float]
+    baseline: dict[str, float | None]
+    candidate: dict[str, float | None]
 
     def ratio(self, metric: str) -> float | None:
-        base = self.baseline[metric]
-        return self.candidate[metric] / base if base else None
+        base, candidate = self.baseline[metric], self.candidate[metric]
+        return candidate / base if base and candidate is not None else None
 
     def to_dict(self) -> dict:
         return {
@@ -68,7 +68,7 @@ class Comparison:
         }
 
 
-def _metrics(m: Measurement) -> dict[str, float]:
+def _metrics(m: Measurement) -> dict[str, float | None]:
     latency = m.latency_ms()
     return {
         "p50_ms": latency["p50"],
@@ -78,7 +78,7 @@ def _metrics(m: Measurement) -> dict[str, float]:
         "max_ms": latency["max"],
         "throughput_rps": m.throughput_rps,
         "error_rate": m.error_rate,
-        "accuracy": m.accuracy if m.accuracy is not None else float("nan"),
+        "accuracy": m.accuracy,
     }
 
 

@@ -100,10 +100,13 @@ class Report:
             if m.requests == 0:
                 failures.append(f"{where}: no request completed")
                 continue
-            if thresholds.max_p50_ms is not None and m.ok and latency["p50"] > thresholds.max_p50_ms:
-                failures.append(f"{where}: p50 {latency['p50']:.3f} ms > limit {thresholds.max_p50_ms:g} ms")
-            if thresholds.max_p99_ms is not None and m.ok and latency["p99"] > thresholds.max_p99_ms:
-                failures.append(f"{where}: p99 {latency['p99']:.3f} ms > limit {thresholds.max_p99_ms:g} ms")
+            for label, limit in (("p50", thresholds.max_p50_ms), ("p99", thresholds.max_p99_ms)):
+                if limit is None:
+                    continue
+                if not m.ok:  # a latency limit cannot pass on requests that all failed
+                    failures.append(f"{where}: no successful request, so no {label} to hold to {limit:g} ms")
+                elif latency[label] > limit:
+                    failures.append(f"{where}: {label} {latency[label]:.3f} ms > limit {limit:g} ms")
             if thresholds.max_error_rate is not None and m.error_rate > thresholds.max_error_rate:
                 failures.append(
                     f"{where}: error rate {m.error_rate:.4f} > limit {thresholds.max_error_rate:g} "
