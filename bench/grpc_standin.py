@@ -28,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def _wait_ready(target: str, process: subprocess.Popen, timeout: float = 120) ->
 
 
 @contextmanager
-def standin(base_path: Path, extra_flags: list[str]) -> Iterator[tuple[str, list[str]]]:
+def standin(base_path: Path, extra_flags: list[str]) -> Iterator[tuple[str, list[str], int]]:
     port = _free_port()
     command = [
         sys.executable, "-m", "serving.tfs_standin", f"--port={port}", "--standin_host=127.0.0.1",
@@ -189,7 +190,7 @@ def standin(base_path: Path, extra_flags: list[str]) -> Iterator[tuple[str, list
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             _wait_ready(f"127.0.0.1:{port}", process)
-            yield f"127.0.0.1:{port}", command[2:]
+            yield f"127.0.0.1:{port}", command[2:], process.pid
         except BaseException:
             log_file.seek(0)
             log.error("stand-in log:\n%s", log_file.read()[-4000:])
@@ -210,13 +211,24 @@ def _split(concurrency: int, processes: int) -> list[int]:
     return [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
 
 
-def measure(pool: ProcessPoolExecutor, target: str, batch: int, concurrency: int, processes: int,
-            seconds: float) -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def measure(pool: ProcessPoolExecutor, target: str, server_pid: int, batch: int, concurrency: int,
+            processes: int, seconds: float) -> dict[str, Any]:
     shares = _split(concurrency, processes)
     list(pool.map(_warm, [target] * len(shares), [batch] * len(shares)))
     load_before = os.getloadavg()[0]
     start_at = time.time() + WARMUP_SECONDS
     futures = [pool.submit(drive, target, batch, threads, start_at, seconds) for threads in shares]
+    time.sleep(max(0.0, start_at - time.time()))
+    server_cpu = _cpu_seconds(server_pid)
+    time.sleep(seconds)
+    server_cpu = _cpu_seconds(server_pid) - server_cpu
     parts = [f.result(timeout=seconds + 120) for f in futures]
     latencies = np.array([x for p in parts for x in p["latencies_ns"]], dtype=np.float64) / 1e6
     errors = sum(p["error_count"] for p in parts)
@@ -234,6 +246,8 @@ def measure(pool: ProcessPoolExecutor, target: str, batch: int, concurrency: int
         "images_per_second": round(calls * batch / seconds, 1),
         "p50_ms": round(float(np.percentile(latencies, 50)), 3) if calls else None,
         "p99_ms": round(float(np.percentile(latencies, 99)), 3) if calls else None,
+        # Server CPU (user + system, all threads) per call: less sensitive to a busy machine than wall time.
+        "server_cpu_us_per_call": round(server_cpu / calls * 1e6, 1) if calls else None,
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
@@ -241,9 +255,10 @@ def measure(pool: ProcessPoolExecutor, target: str, batch: int, concurrency: int
 def run_config(pool: ProcessPoolExecutor, base_path: Path, label: str, flags: list[str], args: argparse.Namespace,
                processes_for: dict[int, int]) -> dict[str, Any]:
     log.info("stand-in %s: %s", label, " ".join(flags))
-    with standin(base_path, flags) as (target, command):
-        single = {str(c): measure(pool, target, 1, c, processes_for[c], args.duration) for c in args.concurrency}
-        batched = measure(pool, target, BATCH, 1, 1, args.duration)
+    with standin(base_path, flags) as (target, command, pid):
+        single = {str(c): measure(pool, target, pid, 1, c, processes_for[c], args.duration)
+                  for c in args.concurrency}
+        batched = measure(pool, target, pid, BATCH, 1, 1, args.duration)
     return {"command": command, "single_image": single, f"batch_{BATCH}": batched}
 
 
@@ -270,8 +285,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"in-process floor: batch-1 median {floor['batch_1_median_ms']:.3f} ms, "
         f"batch-{BATCH} {floor['batch_256_images_per_second']:,.0f} images/s",
-        f"{'configuration':<14}{'measure':<22}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>10}{'images/s':>11}"
-        f"{'vs floor':>9}{'load':>12}",
+        f"{'configuration':<14}{'measure':<18}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>10}{'images/s':>11}"
+        f"{'vs floor':>9}{'srv cpu us':>11}{'load 1m':>14}",
     ]
     for label, config in result["configurations"].items():
         rows = [(f"c={c} batch 1", m) for c, m in config["single_image"].items()]
@@ -282,8 +297,9 @@ def format_table(result: dict[str, Any]) -> str:
                 ratio = f"{m['images_per_second'] / floor['batch_256_images_per_second']:.2f}"
             elif m["concurrency"] == 1:
                 ratio = f"{m['p50_ms'] / floor['batch_1_median_ms']:.2f}x"
-            lines.append(f"{label:<14}{name:<22}{m['p50_ms']:>9.3f}{m['p99_ms']:>9.3f}{m['calls_per_second']:>10,.0f}"
-                         f"{m['images_per_second']:>11,.0f}{ratio:>9}{str(m['load_average_1m']):>12}")
+            lines.append(f"{label:<14}{name:<18}{m['p50_ms']:>9.3f}{m['p99_ms']:>9.3f}{m['calls_per_second']:>10,.0f}"
+                         f"{m['images_per_second']:>11,.0f}{ratio:>9}{m['server_cpu_us_per_call']:>11,.0f}"
+                         f"{str(m['load_average_1m']):>14}")
         verdict = result["targets"][label]
         lines.append(f"{'':<14}targets: " + ", ".join(
             f"{k}={v} ({'met' if verdict['met'][k] else 'NOT met'})" for k, v in verdict["figures"].items()))
@@ -300,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-processes", type=int, default=2,
                         help="client processes for concurrency above 1 (each runs threads)")
     parser.add_argument("--no-batching-sweep", action="store_true", help="measure with batching off only")
+    parser.add_argument("--standin-flags", default=" ".join(STANDIN_FLAGS),
+                        help="tensorflow_model_server flags for the measured stand-in (both configurations)")
     return parser
 
 
@@ -326,9 +344,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": floor_raw["threads"],
     }
 
-    configurations = {"batching_off": list(STANDIN_FLAGS)}
+    flags = shlex.split(args.standin_flags)
+    configurations = {"batching_off": flags}
     if not args.no_batching_sweep:
-        configurations["batching_on"] = [*STANDIN_FLAGS, "--enable_batching=true",
+        configurations["batching_on"] = [*flags, "--enable_batching=true",
                                          f"--batching_parameters_file={CPU_BATCHING_FILE}"]
     processes_for = {c: 1 if c == 1 else args.client_processes for c in args.concurrency}
     context = multiprocessing.get_context("spawn")  # the parent runs TensorFlow: never fork it

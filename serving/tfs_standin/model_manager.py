@@ -165,6 +165,8 @@ class ModelManager:
                      self.name, version, path, time.monotonic() - started, sorted(self._available))
             self._notify()
             return
+        if self._stop.is_set():
+            return  # shutting down between retries: not a verdict on the version
         message = f"version {version} of model {self.name} failed to load from {path}: {_one_line(error)}"
         with self._write_lock:
             self._set_state(VersionStatus(version, END, grpc.StatusCode.UNKNOWN, message))
