@@ -64,24 +64,31 @@ def test_quick_run_writes_tensorboard_scalars_histograms_and_samples(
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, _, logs = quick_run
+    summary, _, logs = quick_run
     runs = list((logs / contract.TORCH_FRAMEWORK_DIR).iterdir())
-    assert len(runs) == 1 and list(runs[0].glob("events.out.tfevents.*"))
-    events = EventAccumulator(str(runs[0]), size_guidance={"tensors": 0}).Reload()
-    tags = events.Tags()
-    for scalar in ("loss/train", "loss/test", "accuracy/train", "accuracy/test", "learning_rate"):
-        assert scalar in tags["scalars"], f"missing scalar {scalar}; have {tags['scalars']}"
-    test_accuracy = events.Scalars("accuracy/test")
-    assert [e.step for e in test_accuracy] == [1] and test_accuracy[0].value >= 0.85
-    assert "weights/conv1.weight" in tags["histograms"] and "weights/fc2.bias" in tags["histograms"]
-    assert "samples/test_images" in tags["images"]
-    image = events.Images("samples/test_images")[0]
+    assert len(runs) == 1 and summary["tensorboard_dir"] == str(runs[0])
+    # Same layout and tag names as the TensorFlow trainer: <run>/{train,test,samples}.
+    assert sorted(p.name for p in runs[0].iterdir()) == ["samples", "test", "train"]
+
+    def load(part: str) -> EventAccumulator:
+        return EventAccumulator(str(runs[0] / part), size_guidance={"tensors": 0, "images": 0}).Reload()
+
+    train, test, samples = load("train"), load("test"), load("samples")
+    for scalar in ("loss", "accuracy", "learning_rate", "images_per_second"):
+        assert scalar in train.Tags()["scalars"], f"missing train scalar {scalar}"
+    assert {"loss", "accuracy"} <= set(test.Tags()["scalars"])
+    test_accuracy = test.Scalars("accuracy")
+    assert [e.step for e in test_accuracy] == [1]
+    assert test_accuracy[0].value == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.bias"} <= set(train.Tags()["histograms"])
+
+    image = samples.Images("test_images")[0]
     assert image.width * image.height == contract.IMAGE_WIDTH * contract.IMAGE_HEIGHT * train_torch.SAMPLE_IMAGES
-    assert "samples/predictions/text_summary" in tags["tensors"]
-    table = events.Tensors("samples/predictions/text_summary")[0].tensor_proto.string_val[0].decode()
+    table = samples.Tensors("predictions/text_summary")[0].tensor_proto.string_val[0].decode()
     rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line[:3] in {f"| {i}" for i in range(10)}]
-    assert [int(row[2]) for row in rows] == mnist_test.labels[: train_torch.SAMPLE_IMAGES].tolist()  # true labels
-    assert all(0 <= int(row[1]) < contract.NUM_CLASSES for row in rows)  # predictions
+    assert [int(row[1]) for row in rows] == mnist_test.labels[: train_torch.SAMPLE_IMAGES].tolist()  # labels
+    assert all(0 <= int(row[2]) < contract.NUM_CLASSES for row in rows)  # predictions
+    assert all(row[3] == ("yes" if row[1] == row[2] else "**no**") for row in rows)
 
 
 def test_skip_if_exists_does_nothing_when_a_version_is_exported(
@@ -185,3 +192,4 @@ def test_torchrun_two_processes_train_with_ddp_and_rank0_exports(tmp_path: Path)
     assert meta["test_accuracy"] >= 0.7  # each process saw half of the quick subset
     assert list_versions(export.parent) == [1]  # only rank 0 exported
     assert len(list((logs / contract.TORCH_FRAMEWORK_DIR).iterdir())) == 1  # only rank 0 logged
+    assert list((logs / contract.TORCH_FRAMEWORK_DIR).glob("*/train/events.out.tfevents.*"))

@@ -9,7 +9,7 @@ Several processes or GPUs, with DistributedDataParallel (gloo on CPU, NCCL on GP
 
     torchrun --standalone --nproc_per_node=2 -m training.train_torch
 
-Every run writes TensorBoard logs under ``<log-dir>/torch/<run-name>`` and
+Every run writes TensorBoard logs under ``<log-dir>/torch/<run-name>/{train,test,samples}`` and
 publishes ``<output-dir>/torch/mnist/<version>/{model.pt,model.json}``; the
 export is loaded back and checked on the test set before it is published.
 """
@@ -219,7 +219,7 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch_size: int,
     info: DistInfo,
-    writer: SummaryWriter | None,
+    board: TensorBoardLog | None,
     global_step: int,
     epoch: int,
 ) -> tuple[EpochStats, int]:
@@ -242,9 +242,8 @@ def train_epoch(
         loss_sum += loss.double() * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
         bar.update()
-        if writer is not None and global_step % BATCH_LOG_EVERY == 0:
-            writer.add_scalar("batch/loss", loss.item(), global_step)
-            writer.add_scalar("batch/learning_rate", scheduler.get_last_lr()[0], global_step)
+        if board is not None and global_step % BATCH_LOG_EVERY == 0:
+            board.write_batch(global_step, loss.item(), scheduler.get_last_lr()[0])
     bar.close()
     seconds = time.perf_counter() - started
     loss_total, correct_total, examples = _all_reduce_sum(
@@ -270,22 +269,60 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, info: D
     return loss_total / examples, correct_total / examples
 
 
-def log_samples(writer: SummaryWriter, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> None:
-    """A grid of the first test images, and a table of what the model predicts for each."""
-    net.eval()
-    with torch.no_grad():
-        predicted = net(images).argmax(dim=1).tolist()
-    pixels = images * contract.NORMALIZE_STD + contract.NORMALIZE_MEAN  # back to [0, 1] for display
-    writer.add_images("samples/test_images", pixels.clamp(0, 1).cpu(), epoch)  # NCHW, shown as a grid of 8 a row
-    rows = "\n".join(
-        f"| {i} | {p} | {t} | {'' if p == t else 'wrong'} |" for i, (p, t) in enumerate(zip(predicted, labels.tolist()))
-    )
-    writer.add_text(
-        "samples/predictions",
-        "Images of samples/test_images, left to right and top to bottom.\n\n"
-        "| # | predicted | true | |\n|---|---|---|---|\n" + rows,
-        epoch,
-    )
+class TensorBoardLog:
+    """Scalars, weight histograms and sample predictions under ``<run_dir>/{train,test,samples}``.
+
+    The same run layout and tag names as the TensorFlow trainer, so that one
+    ``tensorboard --logdir runs`` draws both frameworks' curves in the same charts.
+    """
+
+    def __init__(self, run_dir: Path, hyperparameters: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.train = SummaryWriter(str(run_dir / "train"))
+        self.test = SummaryWriter(str(run_dir / "test"))
+        self.samples = SummaryWriter(str(run_dir / "samples"))
+        self.train.add_text("hyperparameters", "\n".join(f"- {k}: {v}" for k, v in hyperparameters.items()), 0)
+
+    def write_batch(self, step: int, loss: float, lr: float) -> None:
+        self.train.add_scalar("batch_loss", loss, step)
+        self.train.add_scalar("batch_learning_rate", lr, step)
+
+    def write_epoch(
+        self, epoch: int, net: nn.Module, train: EpochStats, test_loss: float, test_accuracy: float, lr: float
+    ) -> None:
+        self.train.add_scalar("loss", train.loss, epoch)
+        self.train.add_scalar("accuracy", train.accuracy, epoch)
+        self.train.add_scalar("learning_rate", lr, epoch)
+        self.train.add_scalar("images_per_second", train.images_per_second, epoch)
+        for name, param in net.named_parameters():
+            self.train.add_histogram(name, param.detach().cpu(), epoch)
+        self.test.add_scalar("loss", test_loss, epoch)
+        self.test.add_scalar("accuracy", test_accuracy, epoch)
+        for writer in (self.train, self.test):
+            writer.flush()
+
+    def write_samples(self, epoch: int, net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The first test images as one grid, and a table of what the model predicts for each."""
+        net.eval()
+        with torch.no_grad():
+            predicted = net(images).argmax(dim=1).tolist()
+        pixels = images * contract.NORMALIZE_STD + contract.NORMALIZE_MEAN  # back to [0, 1] for display
+        self.samples.add_images("test_images", pixels.clamp(0, 1).cpu(), epoch)  # NCHW, a grid of 8 a row
+        rows = "\n".join(
+            f"| {i} | {y} | {p} | {'yes' if p == y else '**no**'} |"
+            for i, (y, p) in enumerate(zip(labels.tolist(), predicted))
+        )
+        self.samples.add_text(
+            "predictions",
+            "Images of test_images, left to right and top to bottom.\n\n"
+            "| image | label | predicted | correct |\n|---|---|---|---|\n" + rows,
+            epoch,
+        )
+        self.samples.flush()
+
+    def close(self) -> None:
+        for writer in (self.train, self.test, self.samples):
+            writer.close()
 
 
 def _num_threads(requested: int, info: DistInfo) -> int:
@@ -410,13 +447,13 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
         "seed": args.seed,
         "quick": args.quick,
     }
-    writer = None
+    board = None
     if info.is_main:
         run_name = args.run_name or (
-            f"{datetime.now():%Y%m%d-%H%M%S}_{args.optimizer}_lr{lr:g}_bs{args.batch_size}x{info.world_size}"
+            f"{datetime.now():%Y%m%d-%H%M%S}-{args.optimizer}-lr{lr:g}-bs{args.batch_size}x{info.world_size}"
+            + ("-quick" if args.quick else "")
         )
-        writer = SummaryWriter(log_dir=str(Path(args.log_dir) / contract.TORCH_FRAMEWORK_DIR / run_name))
-        writer.add_text("hyperparameters", "\n".join(f"- {k}: {v}" for k, v in hyperparameters.items()), 0)
+        board = TensorBoardLog(Path(args.log_dir) / contract.TORCH_FRAMEWORK_DIR / run_name, hyperparameters)
         log.info(
             "training on %d images (%d per process), %d test images; device %s, world size %d, %d threads, %s",
             len(train), len(sampler), len(test), device, info.world_size, torch.get_num_threads(), hyperparameters,
@@ -429,25 +466,18 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
         sampler.set_epoch(epoch)
         lr_at_start = scheduler.get_last_lr()[0]
         stats, global_step = train_epoch(
-            model, train_x, train_y, sampler, optimizer, scheduler, args.batch_size, info, writer, global_step, epoch
+            model, train_x, train_y, sampler, optimizer, scheduler, args.batch_size, info, board, global_step, epoch
         )
         train_seconds += stats.seconds
         test_loss, test_accuracy = evaluate(net, test_x, test_y, info)
-        if writer is not None:
+        if board is not None:
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  %.0f images/s  %.1fs",
                 epoch, args.epochs, stats.loss, stats.accuracy, test_loss, test_accuracy,
                 stats.images_per_second, stats.seconds,
             )
-            writer.add_scalar("loss/train", stats.loss, epoch)
-            writer.add_scalar("loss/test", test_loss, epoch)
-            writer.add_scalar("accuracy/train", stats.accuracy, epoch)
-            writer.add_scalar("accuracy/test", test_accuracy, epoch)
-            writer.add_scalar("learning_rate", lr_at_start, epoch)
-            writer.add_scalar("throughput/images_per_second", stats.images_per_second, epoch)
-            for name, param in net.named_parameters():
-                writer.add_histogram(f"weights/{name}", param.detach().cpu(), epoch)
-            log_samples(writer, net, test_x[:SAMPLE_IMAGES], test_y[:SAMPLE_IMAGES], epoch)
+            board.write_epoch(epoch, net, stats, test_loss, test_accuracy, lr_at_start)
+            board.write_samples(epoch, net, test_x[:SAMPLE_IMAGES], test_y[:SAMPLE_IMAGES])
 
     summary: dict[str, Any] = {
         "framework": "pytorch",
@@ -466,11 +496,13 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
         "hyperparameters": hyperparameters,
         "export_path": None,
         "version": None,
+        "tensorboard_dir": None,
     }
-    if writer is None:
+    if board is None:
         return summary
 
-    writer.close()
+    board.close()
+    summary["tensorboard_dir"] = str(board.run_dir)
     export_path = export_torchscript(
         net.cpu(),
         args.output_dir,
