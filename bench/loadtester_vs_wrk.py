@@ -10,7 +10,7 @@ generator shares the cores with the server, that is what it takes away from the 
 gRPC: the TF Serving stand-in (``serving.tfs_standin``) loaded by the load tester and by a bare
 grpcio loop in one process (threads calling the same pre-serialized request), calls/s side by side.
 
-    python -m bench.loadtester_vs_wrk [--models-dir models] [--duration 4] [--repeats 3]
+    python -m bench.loadtester_vs_wrk [--models-dir models] [--duration 3] [--repeats 3]
 
 Needs ``wrk`` (Debian package ``wrk``) and exported models (``make train``, or any models root with
 ``torch/mnist/<v>`` and ``tf/mnist/<v>``). Writes ``<output-dir>/loadtester_vs_wrk.json``.
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds per tool (median taken)")
     parser.add_argument("--concurrency", type=int, default=16, help="the high concurrency for throughput")
     parser.add_argument("--grpc-concurrency", default="1,8", help="concurrencies for the gRPC comparison")

@@ -287,3 +287,16 @@ def test_progress_bar_on_a_terminal_and_status_lines_in_logs():
     display(_progress(phase=2, target="grpc", mode="open", point=100.0, completed=300, elapsed_s=3.0,
                       total_requests=300, finished=True))
     assert log.getvalue() == "[2/2] grpc rate=100: done, 300 requests, 1 errors, 100 req/s\n"
+
+
+def test_merge_refuses_to_count_a_run_twice(tmp_path: Path, test_set):
+    labels = test_set.labels
+    truth = {i: int(labels[i]) for i in range(IMAGES)}
+    _report_from_samples([1000] * 10, 0, truth, (0.0, 1.0), labels).save(tmp_path / "results" / "result-0.json")
+    _report_from_samples([2000] * 10, 0, truth, (0.0, 1.0), labels).save(tmp_path / "results" / "result-1.json")
+    merged = tmp_path / "results" / "merged.json"
+    for _ in range(2):  # the second time, the earlier output sits in the input directory and is left out
+        assert main(["merge", str(tmp_path / "results"), "--json", str(merged)], out=io.StringIO()) == EXIT_OK
+        assert load_report(merged).measurements[0].ok == 20
+    code = main(["merge", str(merged), str(tmp_path / "results" / "result-0.json")], out=io.StringIO())
+    assert code == EXIT_ERROR

@@ -251,7 +251,7 @@ def _command_run(args: argparse.Namespace, out: TextIO) -> int:
 
 def _command_merge(args: argparse.Namespace, out: TextIO) -> int:
     thresholds_from_args(args)
-    return _finish(merge_files(args.inputs), args, out)
+    return _finish(merge_files(args.inputs, exclude=args.json), args, out)
 
 
 def _command_compare(args: argparse.Namespace, out: TextIO) -> int:

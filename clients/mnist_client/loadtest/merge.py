@@ -41,6 +41,15 @@ def merge_reports(reports: list[Report]) -> Report:
     """One report holding the sum of ``reports`` (which are left unchanged)."""
     if not reports:
         raise ResultFileError("nothing to merge: no report given")
+    seen: set[str] = set()
+    for report in reports:
+        repeated = seen.intersection(report.runs)
+        if repeated:
+            raise ResultFileError(
+                f"run {sorted(repeated)[0]} is in more than one of the files (a merged file given with its own "
+                "inputs?); merging it twice would count its requests twice"
+            )
+        seen.update(report.runs)
     merged: dict[tuple[str, str, float], Measurement] = {}
     protocols: dict[str, str] = {}
     for report in reports:
@@ -81,10 +90,21 @@ def merge_reports(reports: list[Report]) -> Report:
         config=config,
         hosts=hosts,
         sources=sum(report.sources for report in reports),
+        runs=[run for report in reports for run in report.runs],
         inconsistent_predictions=inconsistent,
     )
 
 
-def merge_files(paths: Iterable[str | os.PathLike[str]]) -> Report:
-    """Load and merge result files (directories contribute their ``*.json``)."""
-    return merge_reports([load_report(path) for path in expand_paths(paths)])
+def merge_files(paths: Iterable[str | os.PathLike[str]], exclude: str | os.PathLike[str] | None = None) -> Report:
+    """Load and merge result files (directories contribute their ``*.json``), leaving out ``exclude``
+    (the output file, which may sit in an input directory from an earlier merge)."""
+    files = expand_paths(paths)
+    if exclude is not None:
+        files = [f for f in files if f.resolve() != Path(exclude).resolve()]
+        if not files:
+            raise ResultFileError(f"nothing to merge: the only input is the output file {exclude}")
+    reports = [load_report(path) for path in files]
+    try:
+        return merge_reports(reports)
+    except ResultFileError as exc:
+        raise ResultFileError(f"{exc} (files: {', '.join(str(f) for f in files)})") from None

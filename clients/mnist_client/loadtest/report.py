@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class Report:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     hosts: list[str] = field(default_factory=lambda: [socket.gethostname()])
     sources: int = 1  # result files merged into this one
+    runs: list[str] = field(default_factory=lambda: [uuid.uuid4().hex])  # ids of the runs counted here
     inconsistent_predictions: dict[str, int] = field(default_factory=dict)  # target -> images predicted differently
 
     @property
@@ -138,6 +140,7 @@ class Report:
             "created": self.created,
             "hosts": self.hosts,
             "sources": self.sources,
+            "runs": self.runs,
             "config": self.config,
             "results": [m.to_dict() for m in self.measurements],
             "accuracy": {t: self.accuracy(t) for t in self.targets},
@@ -171,6 +174,7 @@ class Report:
                 created=str(data.get("created", "")),
                 hosts=[str(h) for h in data.get("hosts", [])],
                 sources=int(data.get("sources", 1)),
+                runs=[str(r) for r in data.get("runs", [])],
                 inconsistent_predictions={str(k): int(v) for k, v in data.get("inconsistent_predictions", {}).items()},
             )
         except ResultFileError as exc:
