@@ -174,25 +174,7 @@ def _run_phase(
     slots = [max(1, share(in_flight, workers, i)) for i in indices]
     first_payloads = [(payload_offset + i * n_payloads // workers) % n_payloads for i in indices]
 
-    # Warm-up: unmeasured calls on every worker, so connections, caches and the server are warm.
-    warmup_shares = [share(config.warmup_requests, workers, i) for i in indices]
-    for i in indices:
-        pool.send(i, ("warmup", target.name, slots[i], warmup_shares[i], first_payloads[i]))
-    warm_deadline = time.monotonic() + config.timeout_s * (1 + math.ceil(config.warmup_requests / in_flight)) + _GRACE_S
-    pending = set(indices)
-    while pending:
-        if time.monotonic() > warm_deadline:
-            raise LoadTestError(f"{target.name}: warm-up did not finish in time")
-        for message in pool.receive(sorted(pending), 0.5):
-            if message[0] == "failed":
-                raise LoadTestError(f"worker {message[1]} failed during warm-up:\n{message[2]}")
-            if message[0] == "warm":
-                _, worker, ok, _examples, errors = message
-                measurement.warmup_requests += ok + errors
-                measurement.warmup_errors += errors
-                pending.discard(worker)
-    if measurement.warmup_requests and measurement.warmup_errors == measurement.warmup_requests:
-        log.warning("%s: every warm-up call failed; measuring anyway", target.name)
+    _warm_up(pool, config, target, slots, first_payloads, measurement)
 
     # Measured phase: every worker starts at the same instant.
     start_ns = time.monotonic_ns() + int(_START_DELAY_S * 1e9)
@@ -266,6 +248,36 @@ def _run_phase(
                     100 * measurement.generator_busy)
     if progress is not None:
         progress(_progress(measurement, config, number, phases, start_ns, finished=True))
+
+
+def _warm_up(
+    pool: WorkerPool,
+    config: LoadTestConfig,
+    target: Target,
+    slots: list[int],
+    first_payloads: list[int],
+    measurement: Measurement,
+) -> None:
+    """Unmeasured calls on every worker, so that connections, caches and the server are warm."""
+    workers = len(slots)
+    for i in range(workers):
+        pool.send(i, ("warmup", target.name, slots[i], share(config.warmup_requests, workers, i), first_payloads[i]))
+    rounds = math.ceil(config.warmup_requests / sum(slots))
+    deadline = time.monotonic() + config.timeout_s * (1 + rounds) + _GRACE_S
+    pending = set(range(workers))
+    while pending:
+        if time.monotonic() > deadline:
+            raise LoadTestError(f"{target.name}: warm-up did not finish in time")
+        for message in pool.receive(sorted(pending), 0.5):
+            if message[0] == "failed":
+                raise LoadTestError(f"worker {message[1]} failed during warm-up:\n{message[2]}")
+            if message[0] == "warm":
+                _, worker, ok, errors = message
+                measurement.warmup_requests += ok + errors
+                measurement.warmup_errors += errors
+                pending.discard(worker)
+    if measurement.warmup_requests and measurement.warmup_errors == measurement.warmup_requests:
+        log.warning("%s: every warm-up call failed; measuring anyway", target.name)
 
 
 def _progress(m: Measurement, config: LoadTestConfig, number: int, phases: int, start_ns: int, *,

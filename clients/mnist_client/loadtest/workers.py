@@ -6,7 +6,8 @@ event loop (:mod:`~mnist_client.loadtest.rest_worker`, :mod:`~mnist_client.loadt
 The parent talks to each over a pipe:
 
 - ``("target", name, spec)``: encoded requests for a target, sent once and kept;
-- ``("warmup", name, slots, count, first_payload)``: send ``count`` unmeasured calls, answer ``("warm", ...)``;
+- ``("warmup", name, slots, count, first_payload)``: send ``count`` unmeasured calls, answer
+  ``("warm", worker, ok, errors)``;
 - ``("measure", name, plan)``: wait for the common start time, run the plan, stream ``("records", batch)``
   and finish with ``("done", worker, last_end_ns, cpu_seconds)``; an ``("abort",)`` meanwhile stops it early;
 - ``("exit",)``.
@@ -148,8 +149,7 @@ class _Worker:
         if count > 0:
             engine = self._engine(name)
             engine.run(ClosedLoop(requests=count), max(1, min(slots, count)), first_payload, sink, record_lag=False)
-        self._conn.send(("warm", self._index, len(collected.ok_payloads), collected.errors[:20],
-                         len(collected.errors)))
+        self._conn.send(("warm", self._index, len(collected.ok_payloads), len(collected.errors)))
 
     def _measure(self, name: str, plan: Plan) -> None:
         self._abort = False
