@@ -6,6 +6,8 @@ still open anywhere without network access.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 import os
 from html import escape
@@ -57,9 +59,18 @@ def _charts(report: Report) -> list[str]:
     return charts
 
 
-def format_html(report: Report, *, title: str = "MNIST serving load test", failures: list[str] | None = None) -> str:
+def format_html(
+    report: Report,
+    *,
+    title: str = "MNIST serving load test",
+    failures: list[str] | None = None,
+    sections: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The self-contained HTML report. ``sections`` are extra ``(heading, trusted HTML)`` blocks placed
+    before the load-test summary (``make demo`` adds the training comparison this way)."""
     _, short = _sweep_label(report)
-    head = ["target", "protocol", short, "requests", "errors", "req/s", "images/s",
+    open_loop = any(m.mode == "open" for m in report.measurements)
+    head = ["target", "protocol", short, "requests", "errors", "req/s", "images/s", *(["lag p99"] if open_loop else []),
             *(percentile_label(p) for p in PERCENTILES), "max", "accuracy"]
     rows = []
     for m in report.measurements:
@@ -69,6 +80,7 @@ def format_html(report: Report, *, title: str = "MNIST serving load test", failu
             f"<td>{m.point:g}</td>", f"<td>{m.requests}</td>",
             f'<td class="{"bad" if m.errors else ""}">{sum(m.errors.values())}</td>',
             f"<td>{m.throughput_rps:.1f}</td>", f"<td>{m.images_per_s:.1f}</td>",
+            *([f"<td>{m.send_lag.value_at(99.0) / 1000.0:.3f}</td>"] if open_loop else []),
             *(f"<td>{latency[percentile_label(p)]:.3f}</td>" for p in PERCENTILES),
             f"<td>{latency['max']:.3f}</td>",
             f"<td>{'-' if m.accuracy is None else f'{m.accuracy:.4f}'}</td>",
@@ -81,7 +93,8 @@ def format_html(report: Report, *, title: str = "MNIST serving load test", failu
         f"<h1>{escape(title)}</h1>",
         f"<p>Created {escape(report.created)} on {escape(', '.join(report.hosts) or '-')}; "
         f"{report.sources} result file(s). Latencies in milliseconds, from HDR histograms of successful "
-        "requests (open loop: measured from each request's intended send time).</p>",
+        "requests (open loop: measured from each request's intended send time; lag: how late requests "
+        "went out after that time).</p>",
     ]
     if failures is not None:
         if failures:
@@ -89,6 +102,8 @@ def format_html(report: Report, *, title: str = "MNIST serving load test", failu
             parts.append(f'<h2 class="bad">Thresholds failed</h2><ul class="bad">{items}</ul>')
         else:
             parts.append("<p>All thresholds passed.</p>")
+    for heading, body in sections:
+        parts.append(f"<h2>{escape(heading)}</h2>{body}")
     parts.append("<h2>Summary</h2><table><tr>" + "".join(
         f'<th class="{"l" if i < 2 else ""}">{escape(h)}</th>' for i, h in enumerate(head)) + "</tr>")
     parts.extend(rows)
