@@ -6,10 +6,9 @@ still open anywhere without network access.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import json
 import os
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
