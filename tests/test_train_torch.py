@@ -150,6 +150,7 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         (["--optimizer", "sgd", "--momentum", "1.5"], "--momentum 1.5: expected a value in [0, 1)"),
         (["--momentum", "0.5"], "--momentum applies to --optimizer sgd only"),
         (["--data-dir", "/nonexistent/mnist"], "--data-dir /nonexistent/mnist: not a directory"),
+        (["--num-threads", "-1"], "argument --num-threads: -1: expected 0 or a positive integer"),
         (["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate 0.1"),
     ],
 )

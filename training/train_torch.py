@@ -49,6 +49,7 @@ DEFAULT_LR = {"adam": 3e-3, "sgd": 0.05}
 # --quick: enough data for clearly-above-chance accuracy in a few seconds.
 QUICK_TRAIN_EXAMPLES = 3000
 QUICK_TEST_EXAMPLES = 1000
+QUICK_EPOCHS = 1
 SAMPLE_IMAGES = 16  # test images shown with their predictions in TensorBoard
 BATCH_LOG_EVERY = 50  # steps between per-batch TensorBoard scalars
 EVAL_BATCH_SIZE = 1000
@@ -67,6 +68,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected 0 or a positive integer")
     return value
 
 
@@ -107,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--num-threads",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="intra-op CPU threads per process; 0 = the CPUs available divided by the local processes",
     )
@@ -124,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"1 epoch on the first {QUICK_TRAIN_EXAMPLES} training images, evaluated and exported on the "
-        f"first {QUICK_TEST_EXAMPLES} test images (seconds; for tests)",
+        help=f"train on the first {QUICK_TRAIN_EXAMPLES} training images, evaluate and export on the first "
+        f"{QUICK_TEST_EXAMPLES} test images, 1 epoch unless --epochs is given (seconds; for tests)",
     )
     parser.add_argument(
         "--skip-if-exists",
@@ -361,9 +369,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, log to TensorBoard, export; return a summary (``export_path`` is set on rank 0 only)."""
     started = time.perf_counter()
     parser = build_parser()
+    quick = argparse.ArgumentParser(add_help=False)
+    quick.add_argument("--quick", action="store_true")
+    if quick.parse_known_args(argv)[0].quick:
+        parser.set_defaults(epochs=QUICK_EPOCHS)  # a default only: an explicit --epochs still wins
     args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs = 1
     if not 0.0 <= args.momentum < 1.0:
         parser.error(f"--momentum {args.momentum}: expected a value in [0, 1)")
     if args.optimizer == "adam" and args.momentum != parser.get_default("momentum"):
