@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from bench.inprocess import measure_torch, mnist_test_images
 from mnist_client import contract
@@ -91,9 +93,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class Server:
+    """A running gunicorn: its URL, and the CPU seconds its processes (master and workers) have used."""
+
+    def __init__(self, url: str, pid: int) -> None:
+        self.url = url
+        self.pid = pid
+
+    def cpu_seconds(self) -> float:
+        master = psutil.Process(self.pid)
+        total = 0.0
+        for process in (master, *master.children(recursive=True)):
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+
 @contextmanager
-def gunicorn(base_path: Path, log_path: Path, **env: str) -> Iterator[str]:
-    """The server with gunicorn_conf.py and ``env`` on a free port; yields its URL once ready."""
+def gunicorn(base_path: Path, log_path: Path, **env: str) -> Iterator[Server]:
+    """The server with gunicorn_conf.py and ``env`` on a free port; yields it once ready."""
     port = free_port()
     environment = {
         **os.environ,
@@ -116,7 +137,7 @@ def gunicorn(base_path: Path, log_path: Path, **env: str) -> Iterator[str]:
         )
         try:
             _wait_ready(url, process, log_path)
-            yield url
+            yield Server(url, process.pid)
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -155,13 +176,18 @@ def check_predictions(url: str, images: np.ndarray, expected_classes: np.ndarray
 # -- wrk --------------------------------------------------------------------------------------------
 
 
-def run_wrk(url: str, prefix: Path, count: int, content_type: str, concurrency: int, duration_s: float) -> dict:
-    """One wrk run (one thread: it leaves the cores to the server); requests/s and latency in ms."""
+def run_wrk(server: Server, prefix: Path, count: int, content_type: str, concurrency: int, duration_s: float) -> dict:
+    """One wrk run (one thread: it leaves the cores to the server): requests/s, latency in ms, and the
+    CPU time per request of the server and of wrk (robust to other load on a shared machine)."""
     command = [
         "wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--timeout", "10s", "-s", str(WRK_SCRIPT),
-        f"{url}{PREDICT_PATH}", "--", str(prefix), str(count), content_type,
+        f"{server.url}{PREDICT_PATH}", "--", str(prefix), str(count), content_type,
     ]  # fmt: skip
+    server_cpu = server.cpu_seconds()
+    wrk_cpu = _children_cpu_seconds()
     result = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 60)
+    server_cpu = server.cpu_seconds() - server_cpu
+    wrk_cpu = _children_cpu_seconds() - wrk_cpu
     line = next((ln for ln in result.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
     if result.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed (status {result.returncode}): {result.stdout}\n{result.stderr}")
@@ -178,7 +204,14 @@ def run_wrk(url: str, prefix: Path, count: int, content_type: str, concurrency: 
         "p90_ms": latency["p90"] / 1000,
         "p99_ms": latency["p99"] / 1000,
         "max_ms": latency["max"] / 1000,
+        "server_cpu_us_per_request": round(server_cpu / max(raw["requests"], 1) * 1e6, 1),
+        "wrk_cpu_us_per_request": round(wrk_cpu / max(raw["requests"], 1) * 1e6, 1),
     }
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
@@ -238,13 +271,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_256_npy": Path(f"{batch_npy}.0").stat().st_size,
         }
 
-        with gunicorn(base, folder / "default.log", **server_env) as url:
+        with gunicorn(base, folder / "default.log", **server_env) as server:
             _, expected = floor_classes(base, images[:64])
-            check_predictions(url, images[:64], expected)
-            run_wrk(url, single, SINGLE_BODIES, "application/json", 4, 1.0)  # warm-up
+            check_predictions(server.url, images[:64], expected)
+            run_wrk(server, single, SINGLE_BODIES, "application/json", 4, 1.0)  # warm-up
             single_runs = {}
             for concurrency in CONCURRENCIES:
-                run = run_wrk(url, single, SINGLE_BODIES, "application/json", concurrency, args.duration)
+                run = run_wrk(server, single, SINGLE_BODIES, "application/json", concurrency, args.duration)
                 run["p50_vs_floor"] = round(run["p50_ms"] / floor_b1_ms, 2)
                 run["rps_vs_floor"] = round(run["requests_per_second"] / (workers * 1000 / floor_b1_ms), 3)
                 single_runs[str(concurrency)] = run
@@ -257,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ("npy", batch_npy, "application/x-npy"),
             ):
                 for concurrency in (1, workers):
-                    run = run_wrk(url, prefix, BATCH_BODIES, content_type, concurrency, args.duration)
+                    run = run_wrk(server, prefix, BATCH_BODIES, content_type, concurrency, args.duration)
                     run["images_per_second"] = round(run["requests_per_second"] * BATCH, 1)
                     run["vs_floor"] = round(run["images_per_second"] / floor_images_per_s, 3)
                     batch_runs[f"{label}_c{concurrency}"] = run
@@ -306,9 +339,9 @@ def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str,
     }
     runs = {}
     for name, env in variants.items():
-        with gunicorn(base, folder / f"{name}.log", **server_env, **env) as url:
-            run_wrk(url, single, SINGLE_BODIES, "application/json", 16, 1.0)  # warm-up
-            runs[name] = {"env": env, **run_wrk(url, single, SINGLE_BODIES, "application/json", 16, duration)}
+        with gunicorn(base, folder / f"{name}.log", **server_env, **env) as server:
+            run_wrk(server, single, SINGLE_BODIES, "application/json", 16, 1.0)  # warm-up
+            runs[name] = {"env": env, **run_wrk(server, single, SINGLE_BODIES, "application/json", 16, duration)}
             log.info("micro-batching sweep %s: %s", name, runs[name])
     return runs
 
@@ -320,12 +353,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"in-process floor (1 thread): batch-1 median {b1:.3f} ms, "
         f"batch-256 {floor['throughput']['images_per_second']:,.0f} images/s",
         "",
-        f"{'single-image JSON':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p50/floor':>11}{'errors':>8}",
+        f"{'single-image JSON':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p50/floor':>11}{'errors':>8}"
+        f"{'server CPU us/req':>19}",
     ]
     for concurrency, run in result["single_image_json"].items():
         lines.append(
             f"{'concurrency ' + concurrency:<22}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}"
             f"{run['p99_ms']:>9.3f}{run['p50_vs_floor']:>11.2f}{run['errors']:>8}"
+            f"{run['server_cpu_us_per_request']:>19,.0f}"
         )
     lines += ["", f"{'batch-256':<22}{'images/s':>10}{'p50 ms':>9}{'vs floor':>11}{'errors':>8}"]
     for name, run in result["batch_256"].items():
@@ -334,9 +369,12 @@ def format_table(result: dict[str, Any]) -> str:
             f"{run['errors']:>8}"
         )
     if "micro_batching" in result:
-        lines += ["", f"{'concurrency 16':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
+        lines += ["", f"{'concurrency 16':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'server CPU us/req':>19}"]
         for name, run in result["micro_batching"].items():
-            lines.append(f"{name:<22}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}{run['p99_ms']:>9.3f}")
+            lines.append(
+                f"{name:<22}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}{run['p99_ms']:>9.3f}"
+                f"{run['server_cpu_us_per_request']:>19,.0f}"
+            )
     t = result["targets"]
     lines += [
         "",
