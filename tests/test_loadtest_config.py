@@ -124,3 +124,26 @@ def test_mnist_files_are_found_or_named(tmp_path: Path, monkeypatch):
 def test_cli_rejects_bad_settings_with_exit_status_2(argv, message, capsys):
     assert main(argv, out=io.StringIO()) == EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+def test_worker_processes_follow_load_cpus_and_container_quota(tmp_path: Path, monkeypatch):
+    from mnist_client.loadtest import config as config_module
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert config_module.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert config_module.cgroup_cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert config_module.cgroup_cpu_limit(v1) == 4.0
+    assert config_module.cgroup_cpu_limit(tmp_path / "missing") is None
+
+    monkeypatch.setattr(config_module, "_usable_cpus", lambda: 4)
+    closed = LoadTestConfig(targets=(REST,), concurrency=(1, 16, 256))
+    assert [closed.worker_processes(c) for c in closed.points] == [1, 2, 4]
+    assert LoadTestConfig(targets=(REST,), concurrency=(16,), processes=8).worker_processes(16) == 8
+    assert LoadTestConfig(targets=(REST,), concurrency=(3,), processes=8).worker_processes(3) == 3
+    opened = LoadTestConfig(targets=(REST,), mode="open", rates=(100, 4000, 100_000), max_in_flight=2)
+    assert [opened.worker_processes(r) for r in opened.points] == [1, 2, 2]

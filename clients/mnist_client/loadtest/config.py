@@ -283,11 +283,35 @@ class Thresholds:
         return any(v is not None for v in asdict(self).values())
 
 
-def _usable_cpus() -> int:
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this container in CPUs (a Kubernetes ``limits.cpu``), or None when unlimited.
+
+    Reads cgroup v2 (``cpu.max``: ``"200000 100000"`` = 2 CPUs, ``"max 100000"`` = none), else v1
+    (``cpu/cpu.cfs_quota_us`` / ``cpu/cpu.cfs_period_us``, quota -1 = none).
+    """
     try:
-        return len(os.sched_getaffinity(0))  # respects cpusets (containers), unlike os.cpu_count()
+        quota_text, period_text = (root / "cpu.max").read_text().split()[:2]
+        if quota_text == "max":
+            return None
+        return int(quota_text) / int(period_text)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask (cpusets), capped by a container CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # respects cpusets, unlike os.cpu_count()
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cpus, math.ceil(limit))) if limit is not None else cpus
 
 
 def _is_number(value: object) -> bool:
