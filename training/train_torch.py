@@ -56,10 +56,10 @@ EVAL_BATCH_SIZE = 1000
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except for ``None`` ones whose help text explains the default itself."""
+    """Show defaults, except for on/off flags and ``None`` ones whose help text explains the default."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
+        if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 
