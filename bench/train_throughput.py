@@ -114,9 +114,14 @@ def keras_stepper(batches: list[tuple[np.ndarray, np.ndarray]], threads: int) ->
 
     from training.model_tf import build_model
 
-    # Must happen before TensorFlow initialises its thread pools (the first op).
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    try:  # only possible before TensorFlow runs its first op in this process
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.warning(
+            "TensorFlow was already initialised in this process: its thread pools keep their sizes (intra-op %d)",
+            tf.config.threading.get_intra_op_parallelism_threads(),
+        )
     tf.keras.utils.set_random_seed(0)
     model = build_model()
     model.compile(
