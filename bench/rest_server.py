@@ -8,8 +8,9 @@
    - single-image JSON at concurrency 1, 4 and 16: p50, p99, requests/s;
    - batch-256 requests, JSON and ``.npy`` (uint8): images/s, one request at a time (the same
      parallelism as the single-threaded floor) and two at a time (every worker busy).
-3. Micro-batching off and on at concurrency 16, with gthread workers (the only kind where requests
-   of one worker can meet), against the default sync workers.
+3. Worker classes and micro-batching at concurrency 16: the default sync workers, gthread workers
+   (keep-alive) with one and eight threads, and eight threads with micro-batching (requests of one
+   worker can only meet in one forward pass when the worker has several threads).
 
 Ratios to the floor are computed from figures of this same run. Targets (2-core machine, wrk sharing
 the cores): >= 2,500 requests/s at concurrency 16, p50 <= 1.2 ms at concurrency 1, ``.npy``
@@ -27,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -37,6 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +63,7 @@ SINGLE_BODIES = 500  # distinct single-image requests, cycled by wrk
 BATCH = 256
 BATCH_BODIES = 8
 CONCURRENCIES = (1, 4, 16)
+ACCESS_PID = re.compile(r"pid=<(\d+)>")
 TARGETS = {"rps_c16_min": 2500.0, "p50_c1_max_ms": 1.2, "npy_batch_ratio_min": 0.6}
 
 
@@ -226,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
     parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the config's, CPUs)")
     parser.add_argument(
-        "--no-batching-sweep", dest="batching_sweep", action="store_false", help="skip micro-batching on/off"
+        "--no-batching-sweep", dest="batching_sweep", action="store_false", help="skip the worker-class/batching sweep"
     )
     return parser
 
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["batch_256"] = batch_runs
 
         if args.batching_sweep:
-            result["micro_batching"] = batching_sweep(base, folder, single, server_env, args.duration)
+            result["c16_sweep"] = batching_sweep(base, folder, single, server_env, args.duration)
 
     c1, c16 = result["single_image_json"]["1"], result["single_image_json"]["16"]
     result["targets"] = {
@@ -326,23 +330,32 @@ def floor_classes(base: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str, str], duration: float) -> dict:
-    """Single-image JSON at concurrency 16: sync workers, gthread workers, gthread + micro-batching."""
-    variants = {
+    """Single-image JSON at concurrency 16 on sync workers (the default), gthread workers with one and
+    with eight threads (keep-alive connections), and gthread with micro-batching. Each run also
+    records how many requests each worker answered (from the access log): gthread workers keep the
+    connections they accept, so the split can be uneven."""
+    batching = {
+        "MNIST_REST_BATCHING": "on",
+        "MNIST_REST_BATCH_MAX_SIZE": "16",
+        "MNIST_REST_BATCH_TIMEOUT_MICROS": "500",
+    }
+    variants: dict[str, dict[str, str]] = {
         "sync": {},
-        "gthread": {"MNIST_REST_THREADS": "8"},
-        "gthread_batching": {
-            "MNIST_REST_THREADS": "8",
-            "MNIST_REST_BATCHING": "on",
-            "MNIST_REST_BATCH_MAX_SIZE": "16",
-            "MNIST_REST_BATCH_TIMEOUT_MICROS": "500",
-        },
+        "gthread_1_thread": {"MNIST_REST_WORKER_CLASS": "gthread", "MNIST_REST_THREADS": "1"},
+        "gthread_8_threads": {"MNIST_REST_THREADS": "8"},
+        "gthread_8_threads_batching": {"MNIST_REST_THREADS": "8", **batching},
     }
     runs = {}
     for name, env in variants.items():
-        with gunicorn(base, folder / f"{name}.log", **server_env, **env) as server:
+        log_path = folder / f"{name}.log"
+        with gunicorn(base, log_path, **server_env, **env) as server:
             run_wrk(server, single, SINGLE_BODIES, "application/json", 16, 1.0)  # warm-up
-            runs[name] = {"env": env, **run_wrk(server, single, SINGLE_BODIES, "application/json", 16, duration)}
-            log.info("micro-batching sweep %s: %s", name, runs[name])
+            access_log = log_path.with_suffix(".access.log")
+            already = len(access_log.read_text().splitlines())
+            run = run_wrk(server, single, SINGLE_BODIES, "application/json", 16, duration)
+            pids = Counter(ACCESS_PID.findall("\n".join(access_log.read_text().splitlines()[already:])))
+            runs[name] = {"env": env, **run, "requests_per_worker": sorted(pids.values(), reverse=True)}
+            log.info("worker-class / micro-batching sweep %s: %s", name, runs[name])
     return runs
 
 
@@ -368,12 +381,13 @@ def format_table(result: dict[str, Any]) -> str:
             f"{name:<22}{run['images_per_second']:>10,.0f}{run['p50_ms']:>9.1f}{run['vs_floor']:>11.2f}"
             f"{run['errors']:>8}"
         )
-    if "micro_batching" in result:
-        lines += ["", f"{'concurrency 16':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'server CPU us/req':>19}"]
-        for name, run in result["micro_batching"].items():
+    if "c16_sweep" in result:
+        header = f"{'concurrency 16':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'server CPU us/req':>19}  per worker"
+        lines += ["", header]
+        for name, run in result["c16_sweep"].items():
             lines.append(
-                f"{name:<22}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}{run['p99_ms']:>9.3f}"
-                f"{run['server_cpu_us_per_request']:>19,.0f}"
+                f"{name:<28}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}{run['p99_ms']:>9.3f}"
+                f"{run['server_cpu_us_per_request']:>19,.0f}  {run['requests_per_worker']}"
             )
     t = result["targets"]
     lines += [

@@ -8,7 +8,8 @@ lists every variable; the main ones:
 
 MNIST_REST_HOST / MNIST_REST_PORT      bind address (0.0.0.0:8080)
 MNIST_REST_WORKERS                     worker processes (default: usable CPUs)
-MNIST_REST_THREADS                     request threads per worker; >1 selects the gthread worker
+MNIST_REST_WORKER_CLASS                sync or gthread (default: sync, or gthread when THREADS > 1)
+MNIST_REST_THREADS                     request threads per worker (gthread)
 MNIST_REST_TIMEOUT                     seconds a request may take before its worker is replaced (30)
 MNIST_REST_GRACEFUL_TIMEOUT            seconds in-flight requests get after SIGTERM (30)
 MNIST_REST_KEEPALIVE                   keep-alive seconds (gthread only; sync closes each connection) (5)
@@ -47,9 +48,14 @@ def _usable_cpus() -> int:
 bind = [f"{env_str('HOST', '0.0.0.0')}:{env_int('PORT', 8080, minimum=0)}"]
 workers = env_int("WORKERS", _usable_cpus(), minimum=1)
 threads = env_int("THREADS", 1, minimum=1)
-# sync: one request at a time per worker, the fastest for a CPU-bound model on few
-# cores; gthread when threads are asked for (keep-alive, and micro-batching).
-worker_class = "gthread" if threads > 1 else "sync"
+# sync: one request at a time per worker, each connection closed after its answer;
+# gthread: keep-alive connections, and THREADS requests at a time per worker (needed for
+# micro-batching). docs/rest-server.md has the figures behind the default.
+worker_class = env_str("WORKER_CLASS", "gthread" if threads > 1 else "sync")
+if worker_class not in ("sync", "gthread"):
+    raise ConfigError(f"MNIST_REST_WORKER_CLASS={worker_class!r}: expected sync or gthread")
+if worker_class == "sync" and threads > 1:
+    raise ConfigError(f"MNIST_REST_THREADS={threads} needs MNIST_REST_WORKER_CLASS=gthread (sync runs one thread)")
 timeout = env_int("TIMEOUT", 30, minimum=1)
 graceful_timeout = env_int("GRACEFUL_TIMEOUT", 30, minimum=1)
 keepalive = env_int("KEEPALIVE", 5, minimum=0)
