@@ -300,3 +300,12 @@ def test_merge_refuses_to_count_a_run_twice(tmp_path: Path, test_set):
         assert load_report(merged).measurements[0].ok == 20
     code = main(["merge", str(merged), str(tmp_path / "results" / "result-0.json")], out=io.StringIO())
     assert code == EXIT_ERROR
+
+
+def test_table_warns_when_the_load_generator_was_the_bottleneck():
+    busy = Measurement("rest", "rest", "http://h:1", "closed", 16, 1, generator_busy=0.97, generator_cpu_s=4.0)
+    calm = Measurement("grpc", "grpc", "h:2", "closed", 16, 1, generator_busy=0.3)
+    text = format_table(Report(measurements=[busy, calm]))
+    assert "warning          rest at 16: a load-tester process used 97% of a CPU" in text
+    assert "grpc at 16: a load-tester" not in text
+    assert busy.summary()["generator"]["busiest_worker_cpu_share"] == 0.97

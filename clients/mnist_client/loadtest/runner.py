@@ -24,14 +24,13 @@ from mnist_client.loadtest.payload import Payload, TestSet, build_payload, load_
 from mnist_client.loadtest.report import Report
 from mnist_client.loadtest.reporter import Reporter
 from mnist_client.loadtest.rest_worker import build_request
-from mnist_client.loadtest.stats import Measurement
+from mnist_client.loadtest.stats import GENERATOR_BUSY_WARNING, Measurement
 from mnist_client.loadtest.workers import Plan, TargetSpec, WorkerPool
 
 log = logging.getLogger(__name__)
 
 _START_DELAY_S = 0.05  # between telling workers the start time and that time
 _GRACE_S = 30.0  # a phase running this much past its expected end (plus the timeout) is stuck
-GENERATOR_BUSY_WARNING = 0.9  # share of a CPU a worker may use before the report calls it a bottleneck
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ HIGHEST_US = 3_600_000_000  # one hour: anything slower is clamped (and counted 
 SIGNIFICANT_FIGURES = 3
 PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
 MAX_ERROR_EXAMPLES = 3  # distinct messages kept per error kind
+GENERATOR_BUSY_WARNING = 0.9  # share of a CPU a worker may use before the report calls it a bottleneck
 
 
 def percentile_label(p: float) -> str:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from mnist_client.loadtest.report import Report
-from mnist_client.loadtest.runner import GENERATOR_BUSY_WARNING
-from mnist_client.loadtest.stats import PERCENTILES, percentile_label
+from mnist_client.loadtest.stats import GENERATOR_BUSY_WARNING, PERCENTILES, percentile_label
 
 
 def _fmt_ms(value: float) -> str:
