@@ -82,6 +82,8 @@ class BatchScheduler:
         self._queues: dict[tuple[object, ...], _Queue] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self.batches_run = 0  # statistics, updated by the batch threads
+        self.tasks_run = 0
         self._threads = [
             threading.Thread(target=self._work, name=f"{options.thread_pool_name}-{i}", daemon=True)
             for i in range(options.threads)
@@ -100,6 +102,9 @@ class BatchScheduler:
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout)
+        if self.batches_run:
+            log.info("batching: %d requests in %d batches (%.1f requests per batch)",
+                     self.tasks_run, self.batches_run, self.tasks_run / self.batches_run)
 
     # --- the caller's side (gRPC handler threads) ------------------------------
 
@@ -210,6 +215,8 @@ class BatchScheduler:
                 live.append(task)
         if not live:
             return
+        self.batches_run += 1
+        self.tasks_run += len(live)
         try:
             outputs = self._run_batch(queue, live)
         except BaseException as exc:  # noqa: BLE001 - every task of the batch gets the error
