@@ -12,7 +12,7 @@ BENCH_DIR ?= bench/results
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup train train-torch train-tf test bench demo serve protos clean tensorboard
+.PHONY: setup train train-torch train-tf test bench demo serve protos clean tensorboard compose-test
 
 setup: $(STAMP)
 
@@ -41,9 +41,20 @@ test: setup
 bench: setup
 	$(PY) -m bench.run_all --output-dir $(BENCH_DIR)
 
+# The compose stack for real (docker-compose.local.yml; docs/compose-local.md): starts dockerd if none
+# runs, builds, brings the stack up, load-tests it, tears it down. Skips where no engine can be had.
+compose-test: setup
+	$(PY) docker/local/compose_test.py
+
 # Regenerates the client's wire-compatible *_pb2.py from clients/mnist_client/protos/*.proto.
 protos: setup
 	clients/scripts/gen_protos.sh $(PY)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+serve: setup
+	$(PY) -m stack.serve
+
+demo: setup
+	$(PY) -m stack.demo $(DEMO_ARGS)

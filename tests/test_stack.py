@@ -1,0 +1,167 @@
+"""The local stack end to end: both servers as real processes on free ports, the client package,
+a short load test, the demo's report, and the clear errors of `make serve` / `make demo`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_port
+from mnist_client.grpc_client import GrpcClient
+from mnist_client.loadtest import LoadTestConfig, parse_target, run
+from mnist_client.rest import RestClient
+from stack.config import REPO_ROOT, StackConfig
+from stack.processes import StackError, ensure_port_free
+from stack.servers import running_stack
+
+
+def _config(models: Path, tmp_path: Path) -> StackConfig:
+    return StackConfig(
+        host="127.0.0.1",
+        rest_port=free_port(),
+        grpc_port=free_port(),
+        models_dir=models,
+        log_dir=tmp_path / "logs",
+        report_dir=tmp_path / "reports",
+        ready_timeout_s=180,
+    )
+
+
+def _env(config: StackConfig) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "MNIST_REST_PORT": str(config.rest_port),
+        "MNIST_GRPC_PORT": str(config.grpc_port),
+        "MNIST_MODELS_DIR": str(config.models_dir),
+        "MNIST_LOG_DIR": str(config.log_dir),
+        "MNIST_REPORT_DIR": str(config.report_dir),
+        "MNIST_READY_TIMEOUT": str(config.ready_timeout_s),
+    }
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_running_stack_serves_both_frameworks_and_stops_cleanly(model_repo, mnist_test, tmp_path):
+    config = _config(model_repo, tmp_path)
+    images, labels = mnist_test.images[:200], mnist_test.labels[:200]
+    with running_stack(config) as stack:
+        with RestClient(config.rest_url) as rest, GrpcClient(config.grpc_target) as grpc:
+            by_rest, by_grpc = rest.predict(images), grpc.predict(images)
+        assert np.mean(by_rest.classes == labels) > 0.8
+        assert np.mean(by_grpc.classes == labels) > 0.8
+        report = run(
+            LoadTestConfig(
+                targets=(
+                    parse_target(f"rest={config.rest_url}", "rest"),
+                    parse_target(f"grpc={config.grpc_target}", "grpc"),
+                ),
+                concurrency=(2,),
+                requests=100,
+                warmup_requests=5,
+            )
+        )
+        for target in ("rest", "grpc"):
+            measured = report.measurement(target, 2)
+            assert measured.requests == 100 and not measured.errors
+            assert report.accuracy(target) > 0.8
+        procs = (stack.rest, stack.grpc)
+    assert all(not p.running() for p in procs)
+    assert not _port_open(config.rest_port) and not _port_open(config.grpc_port)
+
+
+def test_demo_writes_reports_with_training_comparison(model_repo, tmp_path):
+    config = _config(model_repo, tmp_path)
+    cmd = [sys.executable, "-m", "stack.demo", "--duration", "1", "--concurrency", "1,2"]
+    result = subprocess.run(cmd, env=_env(config), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training and in-process inference" in result.stdout
+    data = json.loads((config.report_dir / "demo.json").read_text())
+    frameworks = {row["framework"]: row for row in data["training_comparison"]}
+    assert set(frameworks) == {"pytorch", "tensorflow"}
+    for row in frameworks.values():
+        assert row["test_accuracy"] > 0.8 and row["size_mb"] > 0 and row["latency_b1_p50_ms"] > 0
+    page = (config.report_dir / "demo.html").read_text()
+    assert "Training and in-process inference" in page and "<svg" in page
+    assert (config.report_dir / "demo.csv").read_text().count("\n") >= 5  # header + 2 targets x 2 points
+    assert not _port_open(config.rest_port) and not _port_open(config.grpc_port)
+
+
+def test_serve_runs_until_sigterm(model_repo, tmp_path):
+    config = _config(model_repo, tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stack.serve"], env=_env(config), cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        with RestClient(config.rest_url, timeout=2) as rest, GrpcClient(config.grpc_target, timeout=2) as grpc:
+            while not (rest.ready() and grpc.ready()):
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "make serve did not become ready"
+                time.sleep(0.5)
+            assert rest.predict(np.zeros((28, 28), np.uint8)).classes.shape == (1,)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "both servers stopped" in output
+    assert not _port_open(config.rest_port) and not _port_open(config.grpc_port)
+
+
+def test_serve_explains_an_empty_models_folder(tmp_path):
+    config = _config(tmp_path / "no-models", tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "stack.serve"], env=_env(config), cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no exported model" in result.stderr and "make train" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_taken_port_is_named(model_repo, tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with pytest.raises(StackError, match=f"port {port} .* already in use.*PyTorch REST server"):
+            ensure_port_free("127.0.0.1", port, "PyTorch REST server")
+        config = _config(model_repo, tmp_path)
+        config = StackConfig(**{**config.__dict__, "rest_port": port})
+        with pytest.raises(StackError, match="already in use"):
+            with running_stack(config):
+                pass
+
+
+def test_a_server_that_never_gets_ready_reports_its_log(model_repo, tmp_path):
+    # A models folder whose TF version is not a SavedModel: the stand-in never becomes ready.
+    broken = tmp_path / "models"
+    (broken / "tf" / "mnist" / "1").mkdir(parents=True)
+    (broken / "tf" / "mnist" / "1" / "saved_model.pb").write_bytes(b"not a saved model")
+    os.symlink(model_repo / "torch", broken / "torch")
+    config = StackConfig(**{**_config(broken, tmp_path).__dict__, "ready_timeout_s": 60})
+    with pytest.raises(StackError, match=r"TF Serving gRPC stand-in .*(did not become ready|exited)") as info:
+        with running_stack(config):
+            pass
+    assert "last lines of" in str(info.value)
+
+
+def test_bad_port_variable_is_explained(monkeypatch):
+    monkeypatch.setenv("MNIST_REST_PORT", "eighty")
+    with pytest.raises(ValueError, match="MNIST_REST_PORT='eighty': expected an integer"):
+        StackConfig.from_env()
