@@ -14,6 +14,7 @@ from torch import nn
 
 from mnist_client import contract
 from serving.model_repository import publish_version
+from serving.torch_server.batching import MicroBatcher
 from serving.torch_server.model_store import AVAILABLE, END, LOADING, ModelStore, load_version
 
 CPU = torch.device("cpu")
@@ -187,3 +188,78 @@ def test_watcher_picks_up_a_new_version(base):
         store.stop_watching()
     assert store.latest().version == 2
     assert events == [("loaded", 1), ("loaded", 2), ("unloaded", 1)]
+
+
+# -- the micro-batcher -----------------------------------------------------------------------------
+
+
+class _RecordingModel:
+    """Stands in for a LoadedModel: records forward-pass sizes, answers row i with class i."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.batches.append(len(images))
+        marks = images[:, 0, 0].astype(np.int64)
+        return np.repeat(images[:, 0, :1], contract.NUM_CLASSES, axis=1), marks
+
+
+def test_micro_batcher_groups_concurrent_requests_and_returns_each_its_rows():
+    batcher = MicroBatcher(max_batch_size=8, timeout_micros=300_000)
+    model = _RecordingModel()
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    start = threading.Barrier(6)
+
+    def request(index: int, size: int) -> None:
+        images = np.full((size, *contract.IMAGE_SHAPE), index, dtype=np.float32)
+        start.wait()
+        results[index] = batcher.predict(model, images)
+
+    sizes = {1: 1, 2: 2, 3: 1, 4: 3, 5: 1, 6: 1}  # 9 images: one batch of up to 8, the rest after
+    threads = [threading.Thread(target=request, args=(i, n)) for i, n in sizes.items()]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        batcher.close()
+    assert sorted(model.batches) != [1] * 6 and sum(model.batches) == 9 and max(model.batches) <= 8
+    for index, size in sizes.items():
+        probabilities, classes = results[index]
+        assert classes.tolist() == [index] * size and probabilities.shape == (size, contract.NUM_CLASSES)
+
+
+def test_micro_batcher_passes_large_requests_through_and_keeps_versions_apart():
+    batcher = MicroBatcher(max_batch_size=4, timeout_micros=200_000)
+    old, new = _RecordingModel(), _RecordingModel()
+    try:
+        batcher.predict(old, np.zeros((6, *contract.IMAGE_SHAPE), np.float32))
+        assert old.batches == [6]  # at or above the batch size: straight to the model
+        threads = [
+            threading.Thread(target=batcher.predict, args=(model, np.zeros((1, *contract.IMAGE_SHAPE), np.float32)))
+            for model in (old, new, old, new)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        batcher.close()
+    assert sum(old.batches[1:]) == 2 and sum(new.batches) == 2  # never a pass mixing two versions
+
+
+def test_micro_batcher_hands_a_model_error_to_every_waiting_request():
+    class Failing:
+        def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            raise RuntimeError("device lost")
+
+    batcher = MicroBatcher(max_batch_size=4, timeout_micros=1000)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            batcher.predict(Failing(), np.zeros((1, *contract.IMAGE_SHAPE), np.float32))
+        model = _RecordingModel()
+        assert batcher.predict(model, np.zeros((1, *contract.IMAGE_SHAPE), np.float32))[1].tolist() == [0]
+    finally:
+        batcher.close()

@@ -25,6 +25,7 @@ DEFAULT_MODEL_BASE_PATH = REPO_ROOT / "models" / contract.TORCH_FRAMEWORK_DIR / 
 # the OpenAPI document describes the API and holds nothing secret.
 DEFAULT_AUTH_OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.yaml")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,7 @@ class ServerConfig:
         _check(self.batch_max_size >= 1, "BATCH_MAX_SIZE", self.batch_max_size, "an integer >= 1")
         _check(self.batch_timeout_micros >= 0, "BATCH_TIMEOUT_MICROS", self.batch_timeout_micros, "an integer >= 0")
         _check(self.auth_token != "", "AUTH_TOKEN", "", "a non-empty token, or the variable unset")
+        _check(self.log_level.upper() in _LOG_LEVELS, "LOG_LEVEL", self.log_level, "one of " + ", ".join(_LOG_LEVELS))
         _check(all(p.startswith("/") for p in self.auth_open_paths), "AUTH_OPEN_PATHS", self.auth_open_paths,
                "comma-separated paths starting with '/'")  # fmt: skip
 
