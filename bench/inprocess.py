@@ -8,6 +8,9 @@ numpy out, as a server would:
 - latency at batch 1 and batch 64: median and p99 of many timed calls after warm-up;
 - throughput at batch 256: images/s over a run of back-to-back calls.
 
+Each measurement makes its number of calls or stops after ``MAX_SECONDS_PER_MEASURE``
+(busy machines), whichever comes first; the JSON records the calls made.
+
 Threads: TorchScript runs with ``torch.set_num_threads(1)``, as each gunicorn
 worker of the REST server does. TensorFlow runs with its default thread pools
 (intra-op = inter-op = all cores), as TF Serving does unless told otherwise;
@@ -45,6 +48,9 @@ LATENCY_BATCHES = (1, 64)
 THROUGHPUT_BATCH = 256
 # Timed calls per batch size: enough for a stable p99 while the whole bench stays well under a minute.
 DEFAULT_CALLS = {1: 2000, 64: 300, THROUGHPUT_BATCH: 60}
+# On a busy machine a measurement stops after this long (with at least MIN_CALLS); the JSON says how many ran.
+MAX_SECONDS_PER_MEASURE = 10.0
+MIN_CALLS = 20
 WARMUP_CALLS = 20
 ACCURACY_EXAMPLES = 1000  # sanity check that the measured model is the real, trained one
 
@@ -119,17 +125,20 @@ def latency(predict: Predict, images: np.ndarray, batch: int, calls: int) -> dic
     for i in range(WARMUP_CALLS):
         predict(batches[i % len(batches)])
     samples = np.empty(calls)
-    for i in range(calls):
-        x = batches[i % len(batches)]
+    deadline = time.perf_counter() + MAX_SECONDS_PER_MEASURE
+    done = 0
+    while done < calls and (done < MIN_CALLS or time.perf_counter() < deadline):
+        x = batches[done % len(batches)]
         started = time.perf_counter_ns()
         predict(x)
-        samples[i] = time.perf_counter_ns() - started
-    ms = samples / 1e6
+        samples[done] = time.perf_counter_ns() - started
+        done += 1
+    ms = samples[:done] / 1e6
     return {
         "median_ms": round(float(np.median(ms)), 4),
         "p99_ms": round(float(np.percentile(ms, 99)), 4),
         "min_ms": round(float(ms.min()), 4),
-        "calls": calls,
+        "calls": done,
     }
 
 
@@ -139,10 +148,13 @@ def throughput(predict: Predict, images: np.ndarray, batch: int, calls: int) -> 
     for i in range(min(WARMUP_CALLS, calls)):
         predict(batches[i % len(batches)])
     started = time.perf_counter()
-    for i in range(calls):
-        predict(batches[i % len(batches)])
+    deadline = started + MAX_SECONDS_PER_MEASURE
+    done = 0
+    while done < calls and (done < MIN_CALLS or time.perf_counter() < deadline):
+        predict(batches[done % len(batches)])
+        done += 1
     seconds = time.perf_counter() - started
-    return {"images_per_second": round(calls * batch / seconds, 1), "calls": calls, "seconds": round(seconds, 3)}
+    return {"images_per_second": round(done * batch / seconds, 1), "calls": done, "seconds": round(seconds, 3)}
 
 
 def accuracy(predict: Predict, images: np.ndarray, labels: np.ndarray) -> float:
