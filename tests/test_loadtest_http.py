@@ -15,9 +15,10 @@ from mnist_client.loadtest.rest_worker import HttpEngine, build_request
 BODY = json.dumps({"predictions": [{"classes": 3, "probabilities": [0.0, 0.0, 0.0, 1.0] + [0.0] * 6}]}).encode()
 
 
-def chunked(body: bytes) -> bytes:
+def chunked(body: bytes, trailer: bytes = b"") -> bytes:
     half = len(body) // 2
-    return b"%x\r\n%s\r\n%x;ext=1\r\n%s\r\n0\r\n\r\n" % (half, body[:half], len(body) - half, body[half:])
+    return b"%x\r\n%s\r\n%x;ext=1\r\n%s\r\n0\r\n%s\r\n" % (half, body[:half], len(body) - half, body[half:],
+                                                                 trailer)
 
 
 ANSWERS = {
@@ -26,6 +27,8 @@ ANSWERS = {
     "chunked, close": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked(BODY),
     "HTTP/1.0, body until close": b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + BODY,
     "keep-alive": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY,
+    "chunked, keep-alive, trailer": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + chunked(BODY, b"X-Checksum: 1\r\n"),
 }
 
 
@@ -91,12 +94,13 @@ def load(port: int, requests: int, slots: int = 2) -> tuple[list, list]:
 
 @pytest.mark.parametrize("framing", sorted(ANSWERS))
 def test_every_framing_is_read_completely(framing):
-    per_connection = 1000 if framing == "keep-alive" else 1
+    kept_alive = "keep-alive" in framing
+    per_connection = 1000 if kept_alive else 1
     with RawServer(ANSWERS[framing], per_connection) as server:
         oks, errors = load(server.port, 12)
     assert errors == []
     assert oks == [b"\x03"] * 12
-    if framing == "keep-alive":
+    if kept_alive:
         assert server.connections == 2  # one per slot, reused
     else:
         assert server.connections == 12
