@@ -159,7 +159,10 @@ def test_two_workers_train_with_multi_worker_mirrored_strategy(tmp_path: Path) -
     """Two local processes under TF_CONFIG: both exit 0, only the chief publishes, the worker cleans up."""
     models, logs, scratch = tmp_path / "models", tmp_path / "runs", tmp_path / "scratch"
     scratch.mkdir()
-    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
+    ports: set[int] = set()
+    while len(ports) < 2:
+        ports.add(free_port())
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in sorted(ports)]}
     command = [sys.executable, "-m", "training.train_tf", "--quick"]
     command += ["--output-dir", str(models), "--log-dir", str(logs)]
     workers, log_files = [], [tmp_path / f"worker{i}.log" for i in range(2)]
