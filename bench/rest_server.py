@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workers = args.workers or len(os.sched_getaffinity(0))
     result: dict[str, Any] = {
         "model": {"base_path": str(base), "version": version},
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "wrk_threads": 1},
+        # Other work on a shared machine inflates every figure; the load average says how much there was.
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "wrk_threads": 1, "load_average_start": os.getloadavg()},
         "duration_s": args.duration,
         "workers": workers,
         "floor": floor,
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "npy_batch": result["batch_256"]["npy_c1"]["vs_floor"] >= TARGETS["npy_batch_ratio_min"],
         },
     }
+    result["machine"]["load_average_end"] = os.getloadavg()
     print(format_table(result))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -362,7 +364,9 @@ def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str,
 def format_table(result: dict[str, Any]) -> str:
     floor = result["floor"]
     b1 = floor["latency"]["1"]["median_ms"]
+    load = result["machine"]["load_average_start"][0], result["machine"]["load_average_end"][0]
     lines = [
+        f"load average (1 min) at start {load[0]:.1f}, at end {load[1]:.1f}, on {result['machine']['cpus']} CPUs",
         f"in-process floor (1 thread): batch-1 median {b1:.3f} ms, "
         f"batch-256 {floor['throughput']['images_per_second']:,.0f} images/s",
         "",
