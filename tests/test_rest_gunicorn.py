@@ -85,6 +85,14 @@ class Gunicorn:
             time.sleep(0.1)
         raise AssertionError(f"gunicorn not ready within {timeout} s:\n{self.log()}")
 
+    def wait_all_workers_ready(self, workers: int, timeout: float = 120.0) -> None:
+        """/readyz answers once one worker is up; wait until ``workers`` workers have loaded the model."""
+
+        def loaded() -> set[int]:
+            return {int(s.labels["pid"]) for s in scrape(self.url) if s.name == "mnist_rest_model_version" and s.value}
+
+        wait_until(lambda: len(loaded()) == workers and loaded() == self.worker_pids(), timeout)
+
     def worker_pids(self) -> set[int]:
         import psutil
 
@@ -120,6 +128,7 @@ def server(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gun
     server = Gunicorn(base, log_path, MNIST_REST_MAX_BODY_BYTES="1048576")
     try:
         server.wait_ready()
+        server.wait_all_workers_ready(2)
         yield server
     finally:
         server.stop()
@@ -280,6 +289,7 @@ def test_sigterm_finishes_requests_in_flight(base, tmp_path, mnist_test):
     server = Gunicorn(base, tmp_path / "sigterm.log", MNIST_REST_WORKERS="3", MNIST_REST_ACCESS_LOG="off")
     try:
         server.wait_ready()
+        server.wait_all_workers_ready(3)
         big = npy(np.tile(mnist_test.images[:64], (16, 1, 1)))  # 1024 images: a long forward pass on a CPU
         with ThreadPoolExecutor(2) as pool:
             futures = [
