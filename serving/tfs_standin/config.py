@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from google.protobuf import message, text_format
+from tensorflow.core.protobuf import config_pb2 as tf_config_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.tfs_standin.flags import ServerOptions
@@ -239,6 +240,11 @@ def load_tls_options(path: str | os.PathLike[str]) -> TlsOptions:
         custom_ca=proto.custom_ca.encode() if proto.custom_ca else None,
         client_verify=proto.client_verify,
     )
+
+
+def load_session_config(path: str | os.PathLike[str]) -> tf_config_pb2.ConfigProto:
+    """--tensorflow_session_config_file: a TensorFlow ConfigProto in text format."""
+    return parse_text_proto(path, tf_config_pb2.ConfigProto())
 
 
 def load_monitoring_config(path: str | os.PathLike[str]) -> config_pb2.MonitoringConfig:

@@ -17,7 +17,7 @@ from tensorflow_serving.apis import model_pb2
 
 from serving.tfs_standin import status
 from serving.tfs_standin.batching import BatchScheduler
-from serving.tfs_standin.config import BatchingOptions, ModelConfig
+from serving.tfs_standin.config import BatchingOptions, ModelConfig, load_session_config
 from serving.tfs_standin.flags import ServerOptions
 from serving.tfs_standin.model_manager import LoadPolicy, ModelManager
 from serving.tfs_standin.predict import DirectRunner, Runner
@@ -30,10 +30,14 @@ log = logging.getLogger(__name__)
 def session_options(options: ServerOptions) -> SessionOptions:
     """TF Serving's rule: the intra/inter flags, each falling back to --tensorflow_session_parallelism."""
     tags = tuple(t.strip() for t in options.saved_model_tags.split(",") if t.strip())
+    base = b""
+    if options.tensorflow_session_config_file:
+        base = load_session_config(options.tensorflow_session_config_file).SerializeToString()
     return SessionOptions(
         intra_op_threads=options.tensorflow_intra_op_parallelism or options.tensorflow_session_parallelism,
         inter_op_threads=options.tensorflow_inter_op_parallelism or options.tensorflow_session_parallelism,
         tags=tags,
+        base_config=base,
     )
 
 

@@ -44,6 +44,7 @@ class ServerOptions:
     tensorflow_session_parallelism: int = 0
     tensorflow_intra_op_parallelism: int = 0
     tensorflow_inter_op_parallelism: int = 0
+    tensorflow_session_config_file: str = ""
     saved_model_tags: str = "serve"
     enable_model_warmup: bool = True
     num_request_iterations_for_warmup: int = 1
@@ -112,6 +113,8 @@ _FLAGS: dict[str, _Flag] = {
         "tensorflow_intra_op_parallelism", int, "threads that one op may use (0: auto)", _at_least(0)),
     "tensorflow_inter_op_parallelism": _Flag(
         "tensorflow_inter_op_parallelism", int, "ops run at once (0: auto; negative: in the calling thread)"),
+    "tensorflow_session_config_file": _Flag(
+        "tensorflow_session_config_file", str, "text ConfigProto for the sessions; the parallelism flags override it"),
     "saved_model_tags": _Flag("saved_model_tags", str, "comma-separated tags of the MetaGraph to load"),
     "enable_model_warmup": _Flag("enable_model_warmup", bool, "replay assets.extra/tf_serving_warmup_requests "
                                  "before a version serves"),
@@ -149,7 +152,6 @@ _UNSUPPORTED: dict[str, str] = {
     "use_alts_credentials": "use --ssl_config_file for TLS",
     "platform_config_file": "the stand-in serves TensorFlow SavedModels only",
     "per_process_gpu_memory_fraction": "the stand-in runs on CPU",
-    "tensorflow_session_config_file": "use the --tensorflow_*_parallelism flags",
     "remove_unused_fields_from_bundle_metagraph": "not implemented",
     "prefer_tflite_model": "the stand-in serves TensorFlow SavedModels only",
     "num_tflite_pools": "the stand-in serves TensorFlow SavedModels only",
@@ -234,7 +236,8 @@ def _check_combination(options: ServerOptions) -> None:
         raise FlagError("either --model_base_path (with --model_name) or --model_config_file is required")
     if options.batching_parameters_file and not options.enable_batching:
         raise FlagError("--batching_parameters_file is only read with --enable_batching=true")
-    for path_flag in ("model_config_file", "batching_parameters_file", "ssl_config_file"):
+    for path_flag in ("model_config_file", "batching_parameters_file", "ssl_config_file",
+                      "tensorflow_session_config_file"):
         path = getattr(options, path_flag)
         if path and not os.path.isfile(path):
             raise FlagError(f"--{path_flag}={path}: no such file")

@@ -44,6 +44,10 @@ _VALUE_FIELDS: dict[int, str] = {
 }
 # Stored as 16-bit patterns inside int32 values.
 _BIT_PATTERN_DTYPES = {types_pb2.DT_HALF, types_pb2.DT_BFLOAT16}
+# Fewer typed values than the shape holds are repeated to fill it, so a message of a few bytes could
+# claim a shape of terabytes; tensors filled that way are refused above this size (the default gRPC
+# message limit: what a request spelling out every value could carry anyway).
+MAX_FILLED_TENSOR_BYTES = 32 * 1024 * 1024
 
 
 class Runner(Protocol):
@@ -142,6 +146,12 @@ def _decode_values(proto: tensor_pb2.TensorProto, spec: TensorSpec, dims: tuple[
     if given > count:
         raise status.invalid_argument(
             f"input '{spec.alias}' has {given} values in {field}, but shape {_shape_text(dims)} holds {count}"
+        )
+    if given < count and count * spec.np_dtype.itemsize > MAX_FILLED_TENSOR_BYTES:
+        raise status.invalid_argument(
+            f"input '{spec.alias}' has shape {_shape_text(dims)} ({count} values) but only {given} values in "
+            f"{field}; the stand-in fills at most {MAX_FILLED_TENSOR_BYTES} bytes by repeating values: send every "
+            "value, e.g. in tensor_content"
         )
     if spec.dtype == types_pb2.DT_STRING:
         flat = np.empty(count, dtype=object)
