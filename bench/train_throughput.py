@@ -175,6 +175,10 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "tensorflow": tf.__version__, "python": platform.python_version()}
 
 
+def _load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def format_table(result: dict[str, Any]) -> str:
     rows = [f"{'framework':<12}{'batch':>7}{'images/s (median)':>20}{'min':>9}{'max':>9}"]
     for name in FRAMEWORKS:
@@ -183,13 +187,14 @@ def format_table(result: dict[str, Any]) -> str:
             f"{name:<12}{result['batch_size']:>7}{r['images_per_second']:>20,.0f}"
             f"{r['min_images_per_second']:>9,.0f}{r['max_images_per_second']:>9,.0f}"
         )
-    rows.append(f"tensorflow / pytorch: {result['ratio_tensorflow_over_pytorch']:.2f}x")
+    rows.append(f"tensorflow / pytorch: {result['ratio_tensorflow_over_pytorch']:.2f}x  ({result['threads']} threads each)")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    load_before = _load_average()
     frameworks = measure(args)
     result = {
         "benchmark": NAME,
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": args.threads,
         "cpus": _available_cpus(),
         "platform": platform.platform(),
+        # Other work on the machine skews both; PyTorch's OpenMP threads suffer most from oversubscription.
+        "load_average_1min": {"before": load_before, "after": _load_average()},
         "versions": _versions(),
         "frameworks": frameworks,
         "ratio_tensorflow_over_pytorch": round(
