@@ -134,3 +134,17 @@ def test_bad_batching_parameter_files(tmp_path: Path, text: str, fragment: str) 
 def test_bad_ssl_config_files(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         load_tls_options(_write(tmp_path / "ssl.config", text))
+
+
+def test_session_config_file_is_the_base_and_parallelism_flags_override_it(tmp_path: Path) -> None:
+    from serving.tfs_standin.core import session_options
+
+    path = _write(tmp_path / "session.config", "intra_op_parallelism_threads: 4\n"
+                                               "experimental { disable_thread_spinning: true }\n")
+    options = parse_flags([*BASE, f"--tensorflow_session_config_file={path}", "--tensorflow_intra_op_parallelism=1"])
+    config = session_options(options).config_proto()
+    assert config.intra_op_parallelism_threads == 1
+    assert config.experimental.disable_thread_spinning
+    bad = _write(tmp_path / "bad.config", "intra_op_threads: 4\n")
+    with pytest.raises(ConfigError, match="not a valid ConfigProto"):
+        session_options(parse_flags([*BASE, f"--tensorflow_session_config_file={bad}"]))
