@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,14 @@ from torch import nn
 from mnist_client import contract
 from serving.model_repository import publish_version
 from serving.torch_server.batching import MicroBatcher
-from serving.torch_server.model_store import AVAILABLE, END, LOADING, ModelStore, load_version
+from serving.torch_server.model_store import (
+    AVAILABLE,
+    END,
+    LOADING,
+    OPTIMIZED_MIN_BATCH,
+    ModelStore,
+    load_version,
+)
 
 CPU = torch.device("cpu")
 
@@ -190,6 +198,33 @@ def test_watcher_picks_up_a_new_version(base):
     assert events == [("loaded", 1), ("loaded", 2), ("unloaded", 1)]
 
 
+# -- the inference-optimised copy for larger batches -----------------------------------------------
+
+
+def test_larger_batches_run_on_an_optimised_copy_that_agrees_with_the_export(base, test_images):
+    images = test_images[0][:64]
+    model = load_version(base / "1", 1, CPU)
+    assert model.optimized is not None
+    exported = load_version(base / "1", 1, CPU, optimize=False)
+    assert exported.optimized is None
+    for size in (1, OPTIMIZED_MIN_BATCH - 1, OPTIMIZED_MIN_BATCH, 64):
+        got_probabilities, got_classes = model.predict(images[:size])
+        want_probabilities, want_classes = exported.predict(images[:size])
+        np.testing.assert_array_equal(got_classes, want_classes)
+        np.testing.assert_allclose(got_probabilities, want_probabilities, atol=1e-5)
+
+
+def test_a_failing_optimisation_leaves_the_version_serving_as_exported(base, test_images, monkeypatch, caplog):
+    def broken(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", broken)
+    model = load_version(base / "1", 1, CPU)
+    assert model.optimized is None
+    assert "no optimised copy for large batches (no oneDNN here)" in caplog.text
+    assert model.predict(test_images[0][:8])[1].shape == (8,)
+
+
 # -- the micro-batcher -----------------------------------------------------------------------------
 
 
@@ -213,8 +248,9 @@ def test_micro_batcher_groups_concurrent_requests_and_returns_each_its_rows():
 
     def request(index: int, size: int) -> None:
         images = np.full((size, *contract.IMAGE_SHAPE), index, dtype=np.float32)
-        start.wait()
-        results[index] = batcher.predict(model, images)
+        with batcher.scope():  # as the server does from the start of each request
+            start.wait()
+            results[index] = batcher.predict(model, images)
 
     sizes = {1: 1, 2: 2, 3: 1, 4: 3, 5: 1, 6: 1}  # 9 images: one batch of up to 8, the rest after
     threads = [threading.Thread(target=request, args=(i, n)) for i, n in sizes.items()]
@@ -237,10 +273,14 @@ def test_micro_batcher_passes_large_requests_through_and_keeps_versions_apart():
     try:
         batcher.predict(old, np.zeros((6, *contract.IMAGE_SHAPE), np.float32))
         assert old.batches == [6]  # at or above the batch size: straight to the model
-        threads = [
-            threading.Thread(target=batcher.predict, args=(model, np.zeros((1, *contract.IMAGE_SHAPE), np.float32)))
-            for model in (old, new, old, new)
-        ]
+        start = threading.Barrier(4)
+
+        def request(model: _RecordingModel) -> None:
+            with batcher.scope():
+                start.wait()
+                batcher.predict(model, np.zeros((1, *contract.IMAGE_SHAPE), np.float32))
+
+        threads = [threading.Thread(target=request, args=(model,)) for model in (old, new, old, new)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -248,6 +288,19 @@ def test_micro_batcher_passes_large_requests_through_and_keeps_versions_apart():
     finally:
         batcher.close()
     assert sum(old.batches[1:]) == 2 and sum(new.batches) == 2  # never a pass mixing two versions
+
+
+def test_micro_batcher_does_not_delay_a_lone_request():
+    batcher = MicroBatcher(max_batch_size=8, timeout_micros=5_000_000)
+    model = _RecordingModel()
+    try:
+        started = time.monotonic()
+        with batcher.scope():
+            batcher.predict(model, np.zeros((1, *contract.IMAGE_SHAPE), np.float32))
+        assert time.monotonic() - started < 2.5  # nobody else in scope: no 5 s wait for company
+    finally:
+        batcher.close()
+    assert model.batches == [1]
 
 
 def test_micro_batcher_hands_a_model_error_to_every_waiting_request():

@@ -9,6 +9,7 @@ the version watcher and returns the WSGI app. Nothing is loaded at import time.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
@@ -30,7 +31,7 @@ from serving.torch_server.batching import MicroBatcher
 from serving.torch_server.config import ConfigError, ServerConfig
 from serving.torch_server.errors import ApiError, NotFound, Unauthorized
 from serving.torch_server.metrics import ServerMetrics, endpoint_label, method_label
-from serving.torch_server.model_store import ModelStore, VersionStatus, resolve_device
+from serving.torch_server.model_store import ModelStore, VersionStatus, load_version, resolve_device
 from serving.torch_server.predict import Predictor, parse_predict_path, parse_version, too_large_message
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         latest = store.latest()
         metrics.model_version.set(latest.version if latest else 0)
 
-    store = ModelStore(config.model_base_path, device, config.keep_versions, listener=on_model_event)
+    loader = functools.partial(load_version, optimize=config.optimize_batches)
+    store = ModelStore(config.model_base_path, device, config.keep_versions, loader=loader, listener=on_model_event)
     store.refresh()  # synchronously, so a worker with a model on disk is ready as soon as it boots
     if store.latest() is None:
         log.warning("no loadable version under %s yet; /readyz answers 503 until one appears", store.base_path)

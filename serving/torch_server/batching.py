@@ -7,6 +7,12 @@ the first, runs one forward pass per model version in the group and hands each
 request its rows back. Requests that are already ``max_batch_size`` images or
 more skip the queue.
 
+The batching thread only waits for requests that exist: every request holds
+:meth:`MicroBatcher.scope` from its start (before its body is read and
+decoded), and a batch closes at once when every request in the scope is in it.
+A lone request therefore pays no batching delay; concurrent ones wait at most
+``timeout_micros`` for each other.
+
 It only pays where a forward pass of B images costs much less than B passes of
 one image (GPUs) and where a worker has several request threads
 (``MNIST_REST_THREADS`` > 1, gunicorn's gthread worker). docs/rest-server.md
@@ -15,11 +21,12 @@ has the measured figures behind the default (off).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import numpy as np
@@ -58,6 +65,19 @@ class MicroBatcher:
         self._carry: _Pending | None = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._in_scope = 0  # requests being handled that may still join a batch
+        self._scope_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Hold for the whole handling of a request, so that the batcher knows who may still come."""
+        with self._scope_lock:
+            self._in_scope += 1
+        try:
+            yield
+        finally:
+            with self._scope_lock:
+                self._in_scope -= 1
 
     def predict(self, model: LoadedModel, images: np.ndarray) -> Prediction:
         if len(images) >= self.max_batch_size:
@@ -110,6 +130,8 @@ class MicroBatcher:
         batch, size = [first], len(first.images)
         deadline = time.monotonic() + self.timeout_s
         while size < self.max_batch_size:
+            if self._in_scope <= len(batch) and self._queue.empty():
+                break  # nobody else is on the way: do not wait for company that cannot come
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()

@@ -47,6 +47,8 @@ class ServerConfig:
     max_batch: int = 1024
     max_body_bytes: int = 32 * 1024 * 1024
     torch_threads: int = 1
+    # Run batches of 4+ images on a frozen copy optimised for inference (about 2x faster per image).
+    optimize_batches: bool = True
     # Optional micro-batching of concurrent requests into one forward pass
     # (pays only with several request threads per worker; see docs).
     batching: bool = False

@@ -98,16 +98,20 @@ class Predictor:
                 f"unsupported Content-Type {content_type!r}; expected {codecs.JSON_CONTENT_TYPE} or "
                 f"{codecs.NPY_CONTENT_TYPE}"
             )
-        body = read_body(environ, self.config.max_body_bytes)
-        decoded = codecs.decode_request(body, content_type, self.config.max_batch)
-        images = decoded.images
         if self.batcher is not None:
-            probabilities, classes = self.batcher.predict(model, images)
+            with self.batcher.scope():
+                decoded = self._decode(environ, content_type)
+                probabilities, classes = self.batcher.predict(model, decoded.images)
         else:
-            self.metrics.forward_batch_size.observe(len(images))
-            probabilities, classes = model.predict(images)
-        self.metrics.batch_size.observe(len(images))
+            decoded = self._decode(environ, content_type)
+            self.metrics.forward_batch_size.observe(len(decoded.images))
+            probabilities, classes = model.predict(decoded.images)
+        self.metrics.batch_size.observe(len(decoded.images))
         return codecs.encode_predictions(probabilities, classes, decoded.columnar), model.version
+
+    def _decode(self, environ: dict[str, Any], content_type: str | None) -> codecs.DecodedRequest:
+        body = read_body(environ, self.config.max_body_bytes)
+        return codecs.decode_request(body, content_type, self.config.max_batch)
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
