@@ -187,7 +187,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{name:<12}{result['batch_size']:>7}{r['images_per_second']:>20,.0f}"
             f"{r['min_images_per_second']:>9,.0f}{r['max_images_per_second']:>9,.0f}"
         )
-    rows.append(f"tensorflow / pytorch: {result['ratio_tensorflow_over_pytorch']:.2f}x  ({result['threads']} threads each)")
+    ratio, threads = result["ratio_tensorflow_over_pytorch"], result["threads"]
+    rows.append(f"tensorflow / pytorch: {ratio:.2f}x  ({threads} threads each)")
     return "\n".join(rows)
 
 
