@@ -8,7 +8,7 @@
    - single-image JSON at concurrency 1, 4 and 16: p50, p99, requests/s;
    - batch-256 requests, JSON and ``.npy`` (uint8): images/s, one request at a time (the same
      parallelism as the single-threaded floor) and two at a time (every worker busy).
-3. Worker classes and micro-batching at concurrency 16: the default sync workers, gthread workers
+3. Worker classes and micro-batching at concurrency 1 and 16: the default sync workers, gthread workers
    (keep-alive) with one and eight threads, and eight threads with micro-batching (requests of one
    worker can only meet in one forward pass when the worker has several threads).
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["batch_256"] = batch_runs
 
         if args.batching_sweep:
-            result["c16_sweep"] = batching_sweep(base, folder, single, server_env, args.duration)
+            result["worker_class_sweep"] = batching_sweep(base, folder, single, server_env, args.duration)
 
     c1, c16 = result["single_image_json"]["1"], result["single_image_json"]["16"]
     result["targets"] = {
@@ -353,8 +353,8 @@ def floor_classes(base: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str, str], duration: float) -> dict:
-    """Single-image JSON at concurrency 16 on sync workers (the default), gthread workers with one and
-    with eight threads (keep-alive connections), and gthread with micro-batching. Each run also
+    """Single-image JSON at concurrency 1 and 16 on sync workers (the default), gthread workers with one
+    and with eight threads (keep-alive connections), and gthread with micro-batching. Each run also
     records how many requests each worker answered (from the access log): gthread workers keep the
     connections they accept, so the split can be uneven."""
     batching = {
@@ -368,16 +368,18 @@ def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str,
         "gthread_8_threads": {"MNIST_REST_THREADS": "8"},
         "gthread_8_threads_batching": {"MNIST_REST_THREADS": "8", **batching},
     }
-    runs = {}
+    runs: dict[str, Any] = {}
     for name, env in variants.items():
         log_path = folder / f"{name}.log"
+        access_log = log_path.with_suffix(".access.log")
         with gunicorn(base, log_path, **server_env, **env) as server:
             run_wrk(server, single, SINGLE_BODIES, "application/json", 16, 1.0)  # warm-up
-            access_log = log_path.with_suffix(".access.log")
-            already = len(access_log.read_text().splitlines())
-            run = run_wrk(server, single, SINGLE_BODIES, "application/json", 16, duration)
-            pids = Counter(ACCESS_PID.findall("\n".join(access_log.read_text().splitlines()[already:])))
-            runs[name] = {"env": env, **run, "requests_per_worker": sorted(pids.values(), reverse=True)}
+            runs[name] = {"env": env}
+            for concurrency in (1, 16):
+                already = len(access_log.read_text().splitlines())
+                run = run_wrk(server, single, SINGLE_BODIES, "application/json", concurrency, duration)
+                pids = Counter(ACCESS_PID.findall("\n".join(access_log.read_text().splitlines()[already:])))
+                runs[name][f"c{concurrency}"] = {**run, "requests_per_worker": sorted(pids.values(), reverse=True)}
             log.info("worker-class / micro-batching sweep %s: %s", name, runs[name])
     return runs
 
@@ -411,14 +413,16 @@ def format_table(result: dict[str, Any]) -> str:
             f"{name:<22}{run['images_per_second']:>10,.0f}{run['p50_ms']:>9.1f}{run['vs_floor']:>11.2f}"
             f"{run['vs_server_model']:>17.2f}{run['errors']:>8}"
         )
-    if "c16_sweep" in result:
-        header = f"{'concurrency 16':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'server CPU us/req':>19}  per worker"
+    if "worker_class_sweep" in result:
+        header = f"{'single-image JSON':<30}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'server CPU us/req':>19}  per worker"
         lines += ["", header]
-        for name, run in result["c16_sweep"].items():
-            lines.append(
-                f"{name:<28}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}{run['p99_ms']:>9.3f}"
-                f"{run['server_cpu_us_per_request']:>19,.0f}  {run['requests_per_worker']}"
-            )
+        for name, variant in result["worker_class_sweep"].items():
+            for key in ("c1", "c16"):
+                run = variant[key]
+                lines.append(
+                    f"{name + ' ' + key:<30}{run['requests_per_second']:>8,.0f}{run['p50_ms']:>9.3f}"
+                    f"{run['p99_ms']:>9.3f}{run['server_cpu_us_per_request']:>19,.0f}  {run['requests_per_worker']}"
+                )
     t = result["targets"]
     lines += [
         "",

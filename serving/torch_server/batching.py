@@ -10,8 +10,8 @@ more skip the queue.
 The batching thread only waits for requests that exist: every request holds
 :meth:`MicroBatcher.scope` from its start (before its body is read and
 decoded), and a batch closes at once when every request in the scope is in it.
-A lone request therefore pays no batching delay; concurrent ones wait at most
-``timeout_micros`` for each other.
+A request that is alone in the scope runs in its own thread with no hand-over
+and no delay; concurrent ones wait at most ``timeout_micros`` for each other.
 
 It only pays where a forward pass of B images costs much less than B passes of
 one image (GPUs) and where a worker has several request threads
@@ -80,9 +80,17 @@ class MicroBatcher:
                 self._in_scope -= 1
 
     def predict(self, model: LoadedModel, images: np.ndarray) -> Prediction:
-        if len(images) >= self.max_batch_size:
-            self._forwarded(len(images))
-            return model.predict(images)
+        if len(images) >= self.max_batch_size or self._alone():
+            # Large enough on its own, or nobody to batch with: run it in this thread, without
+            # the hand-over to the batching thread, and tell the batcher not to wait for it.
+            with self._scope_lock:
+                self._in_scope -= 1
+            try:
+                self._forwarded(len(images))
+                return model.predict(images)
+            finally:
+                with self._scope_lock:
+                    self._in_scope += 1
         self._ensure_started()
         pending = _Pending(model, images)
         self._queue.put(pending)
@@ -90,6 +98,9 @@ class MicroBatcher:
             return pending.future.result(timeout=_RESULT_TIMEOUT_S)
         except TimeoutError:
             raise ServiceUnavailable(f"the batching queue did not answer within {_RESULT_TIMEOUT_S:.0f} s") from None
+
+    def _alone(self) -> bool:
+        return self._in_scope <= 1 and self._queue.empty() and self._carry is None
 
     def close(self) -> None:
         if self._thread is not None:
