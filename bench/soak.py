@@ -151,6 +151,24 @@ def drive(target: Target, concurrency: int, seconds: float) -> dict[str, Any]:
     }
 
 
+def drive_both(rest: Target, grpc_: Target, concurrency: int, seconds: float) -> dict[str, dict[str, Any]]:
+    """Both servers loaded at the same time for ``seconds``; their figures by name."""
+    figures: dict[str, dict[str, Any]] = {}
+
+    def measure(name: str, target: Target) -> None:
+        figures[name] = drive(target, concurrency, seconds)
+
+    threads = [threading.Thread(target=measure, args=("rest", rest)),
+               threading.Thread(target=measure, args=("grpc", grpc_))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if set(figures) != {"rest", "grpc"}:
+        raise RuntimeError("a load run failed (see the log above)")
+    return figures
+
+
 def slope_per_minute(values: list[float], seconds_per_point: float) -> float:
     """Least-squares slope of ``values`` against time, per minute."""
     n = len(values)
@@ -249,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--minutes", type=float, default=3.0, help="soak length (default 3)")
     parser.add_argument("--interval", type=float, default=20.0, help="seconds per measured interval (default 20)")
     parser.add_argument("--concurrency", type=int, default=2, help="closed-loop requests in flight per server")
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="seconds of load before the first measured interval (default 10, not reported)")
     parser.add_argument("--rest-workers", type=int, default=2, help="gunicorn workers (default 2)")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
@@ -259,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.minutes <= 0 or args.interval <= 0 or args.concurrency < 1 or args.rest_workers < 1:
-        parser.error("--minutes, --interval, --concurrency and --rest-workers must be positive")
+    if args.minutes <= 0 or args.interval <= 0 or args.concurrency < 1 or args.rest_workers < 1 or args.warmup < 0:
+        parser.error("--minutes, --interval, --concurrency and --rest-workers must be positive, --warmup >= 0")
     torch_base = model_base_path(args.models_dir, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
     tf_base = model_base_path(args.models_dir, contract.TF_FRAMEWORK_DIR, contract.MODEL_NAME)
     for base, make in ((torch_base, "train-torch"), (tf_base, "train-tf")):
@@ -287,22 +307,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 grpc_client.wait_until_ready(120)
             sampler = RssSampler(psutil.Process(gunicorn.pid), psutil.Process(standin.pid))
             sampler.start()
-            started_at = time.monotonic()
             try:
+                if args.warmup > 0:  # first-request costs (lazy imports, allocator growth) are not drift
+                    drive_both(rest_target, grpc_target, args.concurrency, args.warmup)
+                    sampler.take()
+                started_at = time.monotonic()
                 for number in range(1, intervals_wanted + 1):
-                    figures: dict[str, dict[str, Any]] = {}
-
-                    def measure(name: str, target: Target) -> None:
-                        figures[name] = drive(target, args.concurrency, args.interval)
-
-                    threads = [threading.Thread(target=measure, args=("rest", rest_target)),
-                               threading.Thread(target=measure, args=("grpc", grpc_target))]
-                    for thread in threads:
-                        thread.start()
-                    for thread in threads:
-                        thread.join()
-                    if set(figures) != {"rest", "grpc"}:
-                        raise RuntimeError(f"interval {number}: a load run failed (see the log above)")
+                    figures = drive_both(rest_target, grpc_target, args.concurrency, args.interval)
                     row = {"t_s": round(time.monotonic() - started_at, 1), **figures, "rss": sampler.take()}
                     intervals.append(row)
                     log.info("interval %d/%d: REST p99 %s ms, gRPC p99 %s ms, errors %d/%d", number,
@@ -318,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": NAME,
         "minutes": args.minutes,
         "interval_s": args.interval,
+        "warmup_s": args.warmup,
         "concurrency": args.concurrency,
         "rest_workers": args.rest_workers,
         "workers_seen": workers_seen,
