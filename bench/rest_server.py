@@ -330,17 +330,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+OPTIMISED_COPY_BATCHES = (1, 2, 4, 8, 64, 256)
+
+
 def server_model_throughput(version_dir: Path, images: np.ndarray) -> dict[str, Any]:
-    """Batch-256 images/s of the server's own model code (``LoadedModel.predict``), one torch thread."""
+    """The server's own model code in this process, one torch thread: batch-256 images/s of
+    ``LoadedModel.predict``, and per-image time of the exported module against the inference-optimised
+    copy by batch size (the measurement behind ``OPTIMIZED_MIN_BATCH``)."""
     import torch
 
-    from serving.torch_server.model_store import load_version
+    from serving.torch_server.model_store import load_version, run_module
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = load_version(version_dir, int(version_dir.name), torch.device("cpu"))
-        return throughput(model.predict, images, BATCH, DEFAULT_CALLS[BATCH])
+        result = throughput(model.predict, images, BATCH, DEFAULT_CALLS[BATCH])
+        per_image: dict[str, dict[str, float]] = {}
+        if model.optimized is not None:
+            for batch in OPTIMISED_COPY_BATCHES:
+                calls = max(3, 512 // batch)
+                timing = {}
+                for name, module in (("exported", model.module), ("optimised", model.optimized)):
+                    run = throughput(lambda x, m=module: run_module(m, x, model.device), images, batch, calls)
+                    timing[f"{name}_us_per_image"] = round(1e6 / run["images_per_second"], 1)
+                timing["ratio"] = round(timing["optimised_us_per_image"] / timing["exported_us_per_image"], 2)
+                per_image[str(batch)] = timing
+        return {**result, "optimised_vs_exported": per_image}
     finally:
         torch.set_num_threads(previous)
 
@@ -403,6 +419,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{run['server_cpu_us_per_request']:>19,.0f}"
         )
     server_floor = result["floor_server_model"]["images_per_second"]
+    per_image = result["floor_server_model"]["optimised_vs_exported"]
+    if per_image:
+        lines += ["", "per-image time, optimised copy / exported module: " + ", ".join(
+            f"batch {batch} {timing['ratio']:.2f}" for batch, timing in per_image.items()
+        )]  # fmt: skip
     lines += [
         "",
         f"batch-256 floor of the server's model code (optimised copy, 1 thread): {server_floor:,.0f} images/s",

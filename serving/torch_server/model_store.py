@@ -85,10 +85,13 @@ class LoadedModel:
         module = self.module
         if self.optimized is not None and len(images) >= OPTIMIZED_MIN_BATCH:
             module = self.optimized
-        return _run(module, images, self.device)
+        return run_module(module, images, self.device)
 
 
-def _run(module: torch.jit.ScriptModule, images: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def run_module(
+    module: torch.jit.ScriptModule, images: np.ndarray, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """One forward pass of a contract module: numpy in (moved to ``device``), numpy out on the CPU."""
     with torch.inference_mode():
         outputs = module(torch.from_numpy(images).to(device))
         probabilities = outputs[contract.PROBABILITIES_NAME].cpu().numpy()
@@ -149,8 +152,8 @@ def _optimized_copy(
         optimized = torch.jit.optimize_for_inference(torch.jit.freeze(_load_module(model_file, device)))
         check_contract(optimized, device, version)
         images = _check_batch(_OPTIMIZED_CHECK_BATCH)
-        want_probabilities, want_classes = _run(module, images, device)
-        got_probabilities, got_classes = _run(optimized, images, device)
+        want_probabilities, want_classes = run_module(module, images, device)
+        got_probabilities, got_classes = run_module(optimized, images, device)
     except Exception as exc:  # an optimisation pass that fails here must not cost the version
         log.warning(
             "version %d: no optimised copy for large batches (%s); serving the module as exported", version, exc
