@@ -96,12 +96,26 @@ def test_unknown_split_is_rejected() -> None:
 
 
 class _MirrorHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder and records every requested path; quiet."""
+    """Serves a folder and records every requested path.
+
+    ``/truncated/*`` drops the connection mid-body; ``/not-http/*`` answers with a non-HTTP status line.
+    """
 
     requests: list[str]
 
     def do_GET(self) -> None:
         self.requests.append(self.path)
+        if self.path.startswith("/not-http/"):
+            self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+            self.close_connection = True
+            return
+        if self.path.startswith("/truncated/"):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(bytes(1000))
+            self.close_connection = True
+            return
         super().do_GET()
 
     def log_message(self, format: str, *args: object) -> None:
@@ -110,7 +124,8 @@ class _MirrorHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def mirror_server(tmp_path: Path, real_dir: Path) -> Iterator[tuple[str, list[str]]]:
-    """An HTTP server on 127.0.0.1 with ``/good/`` (the real files), ``/corrupt/`` (wrong bytes), no ``/missing/``."""
+    """An HTTP server on 127.0.0.1: ``/good/`` (the real files), ``/corrupt/`` (wrong bytes), ``/truncated/``
+    (the connection drops mid-body), ``/not-http/`` (a non-HTTP answer) and no ``/missing/`` (404)."""
     root = tmp_path / "www"
     (root / "good").mkdir(parents=True)
     (root / "corrupt").mkdir()
@@ -135,7 +150,8 @@ def test_download_skips_broken_mirrors_and_verifies_md5(
 ) -> None:
     url, requests = mirror_server
     refused = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
-    monkeypatch.setenv("MNIST_MIRRORS", f"{refused},{url}/missing/,{url}/corrupt/,{url}/good/")
+    broken = ("missing", "not-http", "truncated", "corrupt")
+    monkeypatch.setenv("MNIST_MIRRORS", ",".join([refused, *(f"{url}/{m}/" for m in broken), f"{url}/good/"]))
     monkeypatch.setenv("MNIST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
     monkeypatch.setattr(mnist_data, "SHARED_DATA_DIR", tmp_path / "no-shared-copy")
@@ -148,14 +164,22 @@ def test_download_skips_broken_mirrors_and_verifies_md5(
     for name, (md5, _, _) in FILES.items():
         assert mnist_data.md5_of(cache / name) == md5
     assert len(test) == 10_000
-    # Each file: the 404 mirror, then the corrupt one (MD5 mismatch), then the good one.
+    # Each file: the 404, the non-HTTP answer, the dropped connection, the wrong bytes (MD5), then the good one.
     for name in FILES:
-        assert [r for r in requests if r.endswith(name)] == [f"/missing/{name}", f"/corrupt/{name}", f"/good/{name}"]
+        tried = [r for r in requests if r.endswith(name)]
+        assert tried == [f"/{mirror}/{name}" for mirror in (*broken, "good")]
 
     # A second resolve finds the verified cache and downloads nothing.
     requests.clear()
     mnist_data.load_split("train")
     assert requests == []
+
+
+@pytest.mark.parametrize("entry", ["ftp://example.com/mnist/", "example.com/mnist", "https://"])
+def test_malformed_mirror_list_is_a_clear_error(entry: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MNIST_MIRRORS", f"https://ok.example/mnist/,{entry}")
+    with pytest.raises(MnistDataError, match=re.escape(f"MNIST_MIRRORS entry {entry!r}: expected an http:// or")):
+        mnist_data.download(tmp_path)
 
 
 def test_download_replaces_a_corrupt_cached_file(
@@ -175,11 +199,12 @@ def test_download_fails_clearly_when_every_mirror_fails(
 ) -> None:
     url, _ = mirror_server
     with pytest.raises(MnistDataError) as excinfo:
-        mnist_data.download(tmp_path / "cache", mirrors=[f"{url}/missing/", f"{url}/corrupt/"])
+        mnist_data.download(tmp_path / "cache", mirrors=[f"{url}/{m}/" for m in ("missing", "not-http", "corrupt")])
     message = str(excinfo.value)
     first = next(iter(FILES))
-    assert f"could not download {first} from any mirror" in message
+    assert message.startswith(f"could not download {first} from any mirror; tried:\n")
     assert f"{url}/missing/{first}: HTTP Error 404" in message
+    assert f"{url}/not-http/{first}: BadStatusLine('SSH-2.0-OpenSSH_9.6" in message
     assert f"{url}/corrupt/{first}: MD5 " in message and f"expected {FILES[first][0]}" in message
     assert not any((tmp_path / "cache").iterdir())  # nothing half-written
 

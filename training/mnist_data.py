@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import shutil
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -92,6 +94,12 @@ def dataset_checksum(data_dir: Path) -> str:
 def _mirrors() -> list[str]:
     env = os.environ.get("MNIST_MIRRORS")
     mirrors = [m.strip() for m in env.split(",") if m.strip()] if env else list(DEFAULT_MIRRORS)
+    for mirror in mirrors:
+        if urllib.parse.urlsplit(mirror).scheme not in ("http", "https") or not urllib.parse.urlsplit(mirror).netloc:
+            raise MnistDataError(
+                f"MNIST_MIRRORS entry {mirror!r}: expected an http:// or https:// base URL "
+                "(comma-separated, e.g. https://host/mnist/)"
+            )
     return [m if m.endswith("/") else m + "/" for m in mirrors]
 
 
@@ -128,9 +136,11 @@ def download(target: Path, mirrors: list[str] | None = None) -> None:
                 _fetch(url, dest, md5)
                 log.info("downloaded %s from %s", name, mirror)
                 break
-            except (OSError, urllib.error.URLError, MnistDataError) as exc:
-                log.warning("mirror %s failed for %s: %s", mirror, name, exc)
-                failures.append(f"{url}: {exc}")
+            # HTTPException: a server that does not speak HTTP (e.g. BadStatusLine) is just a broken mirror.
+            except (OSError, urllib.error.URLError, http.client.HTTPException, MnistDataError) as exc:
+                detail = str(exc) if isinstance(exc, (urllib.error.URLError, MnistDataError)) else repr(exc)
+                log.warning("mirror %s failed for %s: %s", mirror, name, detail)
+                failures.append(f"{url}: {detail}")
         else:
             raise MnistDataError(
                 f"could not download {name} from any mirror; tried:\n  " + "\n  ".join(failures)
@@ -147,7 +157,7 @@ def _fetch(url: str, dest: Path, md5: str) -> None:
             shutil.copyfileobj(resp, out)
         got = md5_of(tmp)
         if got != md5:
-            raise MnistDataError(f"{url}: MD5 {got}, expected {md5}")
+            raise MnistDataError(f"MD5 {got}, expected {md5}")  # the caller names the URL
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
