@@ -349,11 +349,15 @@ def _existing_export(models_root: Path, version: int | None) -> Path | None:
     return base / str(version) if version in versions else None
 
 
-def _load_data(args: argparse.Namespace, info: DistInfo) -> tuple[Path, mnist_data.Split, mnist_data.Split]:
+def _load_data(
+    args: argparse.Namespace, info: DistInfo, device: torch.device
+) -> tuple[Path, mnist_data.Split, mnist_data.Split]:
     # Rank 0 resolves (and, where needed, downloads) first so ranks never race on the cache.
     if info.is_main:
         data_dir = mnist_data.resolve_data_dir(args.data_dir)
-    if info.enabled:
+    if info.enabled and device.type == "cuda":
+        dist.barrier(device_ids=[device.index])  # NCCL wants to know which GPU this rank uses
+    elif info.enabled:
         dist.barrier()
     if not info.is_main:
         data_dir = mnist_data.resolve_data_dir(args.data_dir)
@@ -421,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, device: torch.device) -> dict[str, Any]:
-    data_dir, train, test = _load_data(args, info)
+    data_dir, train, test = _load_data(args, info, device)
     train_x, train_y = normalize(train.images).to(device), torch.tensor(train.labels, dtype=torch.long).to(device)
     test_x, test_y = normalize(test.images).to(device), torch.tensor(test.labels, dtype=torch.long).to(device)
 
