@@ -282,3 +282,29 @@ def test_tensor_content_serialization_flag(tf_model_copy: Path, images: np.ndarr
     assert len(probabilities.tensor_content) == 5 * contract.NUM_CLASSES * 4
     assert not probabilities.float_val
     assert tf.make_ndarray(probabilities).shape == (5, contract.NUM_CLASSES)
+
+
+LONG = "m" * 10_000
+
+
+@pytest.mark.parametrize(
+    ("edit", "code"),
+    [
+        (lambda r: setattr(r.model_spec, "name", LONG), grpc.StatusCode.NOT_FOUND),
+        (lambda r: setattr(r.model_spec, "version_label", LONG), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda r: setattr(r.model_spec, "signature_name", LONG), grpc.StatusCode.FAILED_PRECONDITION),
+        (lambda r: r.output_filter.append(LONG), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda r: r.inputs[LONG].CopyFrom(r.inputs[contract.INPUT_NAME]), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+    ids=["model name", "version label", "signature name", "output filter", "input name"],
+)
+def test_huge_names_are_clipped_in_messages_so_the_status_arrives(
+    stubs: Stubs, edit: Callable, code: grpc.StatusCode
+) -> None:
+    # Echoing 10,000 characters would push the status trailer past the client's 8 KiB metadata
+    # limit, and the caller would see RESOURCE_EXHAUSTED instead of the real answer.
+    with pytest.raises(grpc.RpcError) as caught:
+        stubs.prediction.Predict(_edited(edit), timeout=10)
+    assert caught.value.code() == code
+    assert "mmm..." in caught.value.details()
+    assert len(caught.value.details()) < 1000

@@ -126,7 +126,7 @@ class ServerCore:
     def manager(self, name: str) -> ModelManager:
         found = self._managers.get(name)
         if found is None:
-            raise self._unknown_model(f"Latest({name})")
+            raise self._unknown_model(f"Latest({status.clip(name)})")
         return found
 
     def _unknown_model(self, request_text: str) -> status.ServingError:
@@ -141,12 +141,14 @@ class ServerCore:
         choice = spec.WhichOneof("version_choice")
         if choice == "version":
             if manager is None:
-                raise self._unknown_model(f"Specific({spec.name}, {spec.version.value})")
+                raise self._unknown_model(f"Specific({status.clip(spec.name)}, {spec.version.value})")
             return manager.servable(spec.version.value)
         if choice == "version_label":
             if manager is None:
-                raise self._unknown_model(f"Labeled({spec.name}, {spec.version_label})")
+                raise self._unknown_model(
+                    f"Labeled({status.clip(spec.name)}, {status.clip(spec.version_label)})"
+                )
             return manager.servable(label=spec.version_label)
         if manager is None:
-            raise self._unknown_model(f"Latest({spec.name})")
+            raise self._unknown_model(f"Latest({status.clip(spec.name)})")
         return manager.servable()

@@ -204,7 +204,7 @@ class ModelManager:
         if label:
             if label not in self.config.version_labels:
                 raise status.invalid_argument(
-                    f"Unrecognized servable version label: {label}. Model {self.name} has labels "
+                    f"Unrecognized servable version label: {status.clip(label)}. Model {self.name} has labels "
                     f"{{{','.join(sorted(self.config.version_labels))}}}."
                 )
             version = self.config.version_labels[label]

@@ -172,7 +172,7 @@ def decode_inputs(request_inputs: Mapping[str, tensor_pb2.TensorProto], signatur
     """The request's inputs as arrays in ``signature.input_order``."""
     expected = signature.input_order
     if len(request_inputs) != len(expected):
-        sent, wanted = set(request_inputs), set(expected)
+        sent, wanted = {status.clip(a) for a in request_inputs}, set(expected)
         raise status.invalid_argument(
             f"input size does not match signature: {len(sent)}!={len(wanted)} len({{{','.join(sorted(sent))}}}) "
             f"!= len({{{','.join(sorted(wanted))}}}). Sent extra: {{{','.join(sorted(sent - wanted))}}}. "
@@ -182,7 +182,7 @@ def decode_inputs(request_inputs: Mapping[str, tensor_pb2.TensorProto], signatur
     arrays = []
     for alias in expected:
         if alias not in request_inputs:
-            unknown = sorted(set(request_inputs) - set(expected))
+            unknown = sorted(status.clip(a) for a in set(request_inputs) - set(expected))
             raise status.invalid_argument(
                 f"input tensor alias not found in signature: {', '.join(unknown)}. Inputs expected to be in the "
                 f"set {{{','.join(expected)}}}."
@@ -199,11 +199,11 @@ def output_aliases(output_filter: Sequence[str], signature: Signature) -> tuple[
     for alias in output_filter:
         if alias not in signature.outputs:
             raise status.invalid_argument(
-                f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
+                f"output tensor alias not found in signature: {status.clip(alias)} Outputs expected to be in the set "
                 f"{{{','.join(signature.output_order)}}}."
             )
         if alias in seen:
-            raise status.invalid_argument(f"duplicate output tensor alias: {alias}")
+            raise status.invalid_argument(f"duplicate output tensor alias: {status.clip(alias)}")
         seen.add(alias)
     return tuple(output_filter)
 

@@ -143,7 +143,7 @@ class Servable:
         if found is None:
             # TF Serving's code and message for an unknown signature key.
             raise status.failed_precondition(
-                f'Serving signature key "{key}" not found. Model {self.name} version {self.version} has: '
+                f'Serving signature key "{status.clip(key)}" not found. Model {self.name} version {self.version} has: '
                 f"{', '.join(sorted(self.signatures))}."
             )
         return found

@@ -44,10 +44,11 @@ def _handler(method: Callable[..., _R]) -> Callable[..., _R]:
         try:
             return method(self, request, context)
         except status.ServingError as exc:
-            context.abort(exc.code, exc.message)
+            context.abort(exc.code, status.clip(exc.message, status.MAX_MESSAGE_CHARS))
         except Exception as exc:  # noqa: BLE001 - one bad call must not take the server down
             log.exception("%s failed unexpectedly", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL,
+                          status.clip(f"{method.__name__} failed: {type(exc).__name__}: {exc}", status.MAX_MESSAGE_CHARS))
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -87,7 +88,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for field in request.metadata_field:
             if field != SIGNATURE_DEF_FIELD:
                 raise status.invalid_argument(
-                    f"Metadata field {field} is not supported; the supported field is {SIGNATURE_DEF_FIELD}"
+                    f"Metadata field {status.clip(field)} is not supported; the supported field is {SIGNATURE_DEF_FIELD}"
                 )
         servable = self._core.servable_for(request.model_spec)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
@@ -130,13 +131,15 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             manager = self._core.manager(spec.name)
         except status.ServingError:
             raise status.not_found(
-                f"Could not find any versions of model {spec.name}; this server serves models "
+                f"Could not find any versions of model {status.clip(spec.name)}; this server serves models "
                 f"{{{','.join(self._core.model_names)}}}"
             ) from None
         if spec.HasField("version"):
             found = manager.status_of(spec.version.value)
             if found is None:
-                raise status.not_found(f"Could not find version {spec.version.value} of model {spec.name}")
+                raise status.not_found(
+                    f"Could not find version {spec.version.value} of model {status.clip(spec.name)}"
+                )
             statuses = [found]
         else:
             statuses = manager.statuses()

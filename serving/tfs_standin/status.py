@@ -52,6 +52,18 @@ def status_code_number(code: grpc.StatusCode) -> int:
     return int(code.value[0])
 
 
+# Caller-supplied strings echoed in messages are cut to this length, and whole messages to
+# MAX_MESSAGE_CHARS: the message travels as a gRPC trailer, and clients drop calls whose
+# metadata exceeds 8 KiB (RESOURCE_EXHAUSTED instead of the real status).
+MAX_ECHO_CHARS = 100
+MAX_MESSAGE_CHARS = 2048
+
+
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` as sent by a caller, cut to ``limit`` characters for an error message."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
