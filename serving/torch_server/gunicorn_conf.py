@@ -99,9 +99,13 @@ loglevel = env_str("LOG_LEVEL", "info").lower()
 # master, at config load. An operator-given folder is used as is; otherwise a
 # private temporary folder, removed when the master exits.
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_own_metrics_dir = _MULTIPROC_ENV not in os.environ
-if _own_metrics_dir:
-    os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-rest-metrics-")
+_OWN_PREFIX = "mnist-rest-metrics-"
+if _MULTIPROC_ENV not in os.environ:  # (on a HUP reload the master already has it: reuse it)
+    os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix=_OWN_PREFIX)
+
+
+def _own_metrics_dir(folder: Path) -> bool:
+    return folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith(_OWN_PREFIX)
 
 
 def on_starting(server: object) -> None:
@@ -120,5 +124,6 @@ def child_exit(server: object, worker: object) -> None:
 
 
 def on_exit(server: object) -> None:
-    if _own_metrics_dir:
-        shutil.rmtree(os.environ[_MULTIPROC_ENV], ignore_errors=True)
+    folder = Path(os.environ[_MULTIPROC_ENV])
+    if _own_metrics_dir(folder):
+        shutil.rmtree(folder, ignore_errors=True)
