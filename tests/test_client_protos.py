@@ -254,7 +254,7 @@ def _official_metadata_response():
     response = tfs_metadata_pb2.GetModelMetadataResponse()
     response.model_spec.name = "mnist"
     response.model_spec.version.value = 4
-    response.metadata["signature_def"].Pack(signatures)
+    response.metadata["signature_def"].Pack(signatures, deterministic=True)  # map order is otherwise unspecified
     return response
 
 
