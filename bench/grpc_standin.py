@@ -24,7 +24,6 @@ Writes ``<output-dir>/grpc_standin.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.results import write_result
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
 
@@ -370,11 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     for label, config in measured.items()},
         "target_values": TARGETS,
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / f"{NAME}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    log.info("wrote %s", out)
+    write_result(args.output_dir, NAME, result, format_table(result))
     return result
 
 

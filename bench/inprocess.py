@@ -25,7 +25,6 @@ force). The REST and gRPC server benchmarks import :func:`measure_torch` and
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.results import write_result
 from mnist_client import contract
 from serving.model_repository import latest_version
 from training import mnist_data
@@ -352,11 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": {"pytorch": torch_r, "tensorflow": tf_r},
         "ratio_tensorflow_over_pytorch": ratios(torch_r, tf_r),
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / f"{NAME}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    log.info("wrote %s", out)
+    write_result(args.output_dir, NAME, result, format_table(result))
     return result
 
 

@@ -23,7 +23,16 @@ log = logging.getLogger("bench")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Order matters only for reading the output: training first, then the
 # in-process floor, then the servers measured against it, then the load tester.
-BENCHMARKS = ("train_throughput", "inprocess", "rest_server", "grpc_standin", "loadtester_vs_wrk")
+BENCHMARKS = (
+    "train_throughput",
+    "inprocess",
+    "rest_server",
+    "grpc_standin",
+    "client_rest_formats",
+    "loadtester_vs_wrk",
+)
+# Not here: bench.soak (minutes long; run it on its own) and bench.client_footprint (installs into a
+# fresh virtual environment from the package index).
 
 
 def main(argv: list[str] | None = None) -> dict:

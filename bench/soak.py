@@ -22,7 +22,6 @@ Writes ``<output-dir>/soak.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -42,6 +41,7 @@ from typing import Any
 
 import psutil
 
+from bench.results import write_result
 from mnist_client import contract
 from mnist_client.grpc_client import GrpcClient
 from mnist_client.loadtest import LoadTestConfig, Target, run
@@ -344,11 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bounds": {"memory_relative": MEMORY_TOLERANCE[0], "memory_absolute_mib": MEMORY_TOLERANCE[1] / MIB,
                    "p99_max_ratio_last_to_first": P99_MAX_RATIO},
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / f"{NAME}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    log.info("wrote %s", out)
+    write_result(args.output_dir, NAME, result, format_table(result))
     return result
 
 

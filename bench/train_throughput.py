@@ -15,7 +15,6 @@ machine load hits both) and the median of ``--repeats`` windows is reported::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.results import write_result
 from mnist_client import contract
 from training import mnist_data
 
@@ -214,11 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             frameworks["tensorflow"]["images_per_second"] / frameworks["pytorch"]["images_per_second"], 3
         ),
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / f"{NAME}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    log.info("wrote %s", out)
+    write_result(args.output_dir, NAME, result, format_table(result))
     return result
 
 
