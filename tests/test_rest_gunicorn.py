@@ -267,7 +267,15 @@ def test_version_swap_and_broken_version_under_load_fail_no_request(server, base
         served_before_broken = versions["2"]
         with publish_version(base, 3) as (staging, _):
             (staging / contract.TORCHSCRIPT_FILENAME).write_bytes(b"\x00 truncated archive")
-        wait_until(lambda: "3" in {s["version"] for s in status(server.url)})
+
+        def refusals() -> float:  # each worker polls on its own: wait until both have refused it
+            return sum(
+                s.value
+                for s in scrape(server.url)
+                if s.name == "mnist_rest_model_events_total" and s.labels["event"] == "refused"
+            )
+
+        wait_until(lambda: refusals() == 2)
         wait_until(lambda: versions["2"] >= served_before_broken + 20)
     finally:
         stop.set()
