@@ -572,9 +572,10 @@ def test_micro_batching_answers_concurrent_requests_correctly(torch_base, refere
         # A large request bypasses the queue and is still right.
         response = app.test_client().post(PREDICT, json={"instances": images[:10].tolist()})
         assert [p["classes"] for p in response.get_json()["predictions"]] == classes[:10].tolist()
+        # How requests group into forward passes is tested deterministically in test_rest_model_store.py;
+        # here, whatever the grouping, every image went through exactly one pass.
         text = app.test_client().get("/metrics").get_data(as_text=True)
-        forwards = float(text.split("mnist_rest_forward_batch_size_count ")[1].split()[0])
-        assert forwards < 17  # 16 single-image requests shared forward passes
+        assert float(text.split("mnist_rest_forward_batch_size_sum ")[1].split()[0]) == 16 + 10
     finally:
         app.extensions["mnist"].batcher.close()
         app.extensions["mnist"].store.stop_watching()
