@@ -315,13 +315,18 @@ def test_makefile_runs_the_compose_test() -> None:
     assert "docker/local/compose_test.py" in recipe
 
 
-def test_training_epochs_reach_each_trainer(local_config: dict) -> None:
-    config = resolved(COMPOSE_FILE, CPU_OVERRIDE, LOCAL_OVERRIDE, env={"MNIST_TORCH_EPOCHS": "1", "MNIST_TF_EPOCHS": "2"})
-    for service, epochs in (("torch-train", "1"), ("tf-train", "2")):
+def test_training_settings_reach_each_trainer(local_config: dict) -> None:
+    env = {"MNIST_TORCH_EPOCHS": "1", "MNIST_TF_EPOCHS": "2", "MNIST_TORCH_THREADS": "1"}
+    config = resolved(COMPOSE_FILE, CPU_OVERRIDE, LOCAL_OVERRIDE, env=env)
+    for service, option, value, default in (
+        ("torch-train", "--epochs", "1", "4"),
+        ("tf-train", "--epochs", "2", "4"),
+        ("torch-train", "--num-threads", "1", "0"),
+    ):
         command = config["services"][service]["command"]
-        assert command[command.index("--epochs") + 1] == epochs, service
-        default = local_config["services"][service]["command"]
-        assert default[default.index("--epochs") + 1] == "4", f"{service}: the trainers' own default"
+        assert command[command.index(option) + 1] == value, service
+        unset = local_config["services"][service]["command"]
+        assert unset[unset.index(option) + 1] == default, f"{service} {option}: the trainer's own default"
 
 
 def test_loadtest_arguments_shorten_the_services_own_command(local_config: dict) -> None:
@@ -330,8 +335,9 @@ def test_loadtest_arguments_shorten_the_services_own_command(local_config: dict)
     assert arguments[arguments.index("--duration") + 1] == "2.5"
     assert arguments[arguments.index("--json") + 1] == "/reports/compose-test-loadtest.json"
     assert arguments[arguments.index("--html") + 1] == "/reports/compose-test-loadtest.html"
-    changed = {i for i, (a, b) in enumerate(zip(command, arguments)) if a != b}
-    assert len(arguments) == len(command) and len(changed) == 4, "only the duration and the three report paths"
+    assert len(arguments) == len(command)
+    changed = {i for i, (a, b) in enumerate(zip(command, arguments, strict=True)) if a != b}
+    assert len(changed) == 4, "only the duration and the three report paths"
     assert stack_checks.expected_targets(arguments) == ["pytorch-rest", "tfserving-grpc"]
     assert compose_test.host_path(stack_checks.report_path_in_container(arguments), local_config) == (
         REPO / "reports" / "compose-test-loadtest.json"

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from host_engine import EngineUnavailable, install_packages, unmount_under
+from host_engine import EngineUnavailable, install_packages, run_process_group, unmount_under
 
 log = logging.getLogger("compose-test.base-image")
 
@@ -120,9 +120,9 @@ def ensure_base_image(env: Mapping[str, str], tag: str, work_dir: Path) -> bool:
     try:
         command = debootstrap_command(rootfs, mirror)
         log.info("making %s: %s", tag, " ".join(command))
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = run_process_group(command)
         if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-10:])
+            tail = "\n".join(result.stdout.strip().splitlines()[-10:])
             raise BaseImageError(f"debootstrap failed (exit status {result.returncode}) from {mirror}:\n{tail}")
         unmount_under(rootfs)  # debootstrap unmounts /proc and /sys itself; this covers an interrupted one
         slim(rootfs)
@@ -130,7 +130,11 @@ def ensure_base_image(env: Mapping[str, str], tag: str, work_dir: Path) -> bool:
             ["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE
         ) as tar:
             imported = subprocess.run(
-                import_command(tag, mirror), stdin=tar.stdout, env=dict(env), capture_output=True, text=True,
+                import_command(tag, mirror),
+                stdin=tar.stdout,
+                env=dict(env),
+                capture_output=True,
+                text=True,
                 check=False,
             )
             assert tar.stdout is not None

@@ -242,7 +242,9 @@ def stage_host_inputs(repo: Path = REPO) -> Staged:
     size = sum(p.stat().st_size for p in staged.wheels.values())
     log.info(
         "build context: %d of %d pinned packages as local wheels (%.0f MB, from %s), %d CA certificate(s)%s",
-        len(staged.wheels), len(pins), size / 1e6,
+        len(staged.wheels),
+        len(pins),
+        size / 1e6,
         ", ".join(str(p) for p in [*folders, *indexes]) or "no local source",
         len(staged.certificates),
         f"; copied {staged.copied_bytes / 1e6:.0f} MB where a hard link was impossible" if staged.copied_bytes else "",

@@ -62,32 +62,41 @@ EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
 class Interrupted(BaseException):
-    """SIGTERM or SIGHUP: unwind like Ctrl-C so that every clean-up step runs."""
+    """Ctrl-C, SIGTERM or SIGHUP: unwind so that every clean-up step runs."""
 
 
-def cpu_seconds(engine_dir: Path | None = None) -> float:
-    """CPU time spent so far by this test's work: itself, its children and everything Docker runs.
+@dataclass
+class CpuMeter:
+    """CPU seconds spent so far by this test's work: itself, its children and everything Docker runs.
 
     Docker's share is the ``docker`` cgroup (containers and build steps; cgroup v1 cpuacct or v2
     cpu.stat), which charges every container as it runs, so removed ones still count, plus a private
-    dockerd's own processes (image export, layer unpacking), found by ``engine_dir``. Wall time on a
-    shared machine depends on the other load; this does not, so it tells what a quiet CI machine needs.
+    dockerd's own processes (image export, layer unpacking), found by its state folder and remembered
+    after they exit. Wall time on a shared machine depends on the other load; CPU time does not, so
+    it tells what a quiet CI machine needs (wall >= CPU / cores).
     """
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
-    v1, v2 = Path("/sys/fs/cgroup/cpuacct/docker/cpuacct.usage"), Path("/sys/fs/cgroup/docker/cpu.stat")
-    try:
-        if v1.exists():
-            total += int(v1.read_text()) / 1e9
-        elif v2.exists():
-            stats = dict(line.split() for line in v2.read_text().splitlines())
-            total += int(stats["usage_usec"]) / 1e6
-    except (OSError, ValueError, KeyError):
-        pass
-    if engine_dir is not None:
-        total += host_engine.process_cpu_seconds(host_engine.processes_using(engine_dir))
-    return total
+
+    engine: host_engine.PrivateEngine | None = None
+    _engine_pids: dict[int, float] = field(default_factory=dict)
+
+    def read(self) -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        if self.engine is not None:
+            total -= self.engine.reaped_cpu_s  # counted below, process by process, while it ran
+        v1, v2 = Path("/sys/fs/cgroup/cpuacct/docker/cpuacct.usage"), Path("/sys/fs/cgroup/docker/cpu.stat")
+        try:
+            if v1.exists():
+                total += int(v1.read_text()) / 1e9
+            elif v2.exists():
+                total += int(dict(line.split() for line in v2.read_text().splitlines())["usage_usec"]) / 1e6
+        except (OSError, ValueError, KeyError):
+            pass
+        if self.engine is not None:
+            for pid in host_engine.processes_using(self.engine.layout.state_dir):
+                self._engine_pids[pid] = max(self._engine_pids.get(pid, 0.0), host_engine.process_cpu_seconds([pid]))
+        return total + sum(self._engine_pids.values())
 
 
 @dataclass
@@ -95,16 +104,16 @@ class Timings:
     """Wall and CPU seconds per step, in order, for the summary table and the JSON summary."""
 
     steps: list[tuple[str, float, float]] = field(default_factory=list)
-    engine_dir: Path | None = None  # a private dockerd's state folder, to count its own CPU time
+    cpu: CpuMeter = field(default_factory=CpuMeter)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
         log.info("--- %s", name)
-        started, cpu = time.monotonic(), cpu_seconds(self.engine_dir)
+        started, cpu = time.monotonic(), self.cpu.read()
         try:
             yield
         finally:
-            elapsed, used = time.monotonic() - started, cpu_seconds(self.engine_dir) - cpu
+            elapsed, used = time.monotonic() - started, self.cpu.read() - cpu
             self.steps.append((name, elapsed, used))
             log.info("--- %s: %.0f s (%.0f CPU s)", name, elapsed, used)
 
@@ -164,14 +173,22 @@ class Compose:
             path = self.log_dir / log_name
             with path.open("w") as sink:
                 result = subprocess.run(
-                    command, cwd=REPO, env=self.env, stdout=sink, stderr=subprocess.STDOUT, text=True,
-                    timeout=timeout_s, check=False,
+                    command,
+                    cwd=REPO,
+                    env=self.env,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    timeout=timeout_s,
+                    check=False,
                 )
             output = detail = path.read_text(errors="replace")
         if result.returncode != 0:
             tail = "\n".join(detail.strip().splitlines()[-40:])
             where = f" (full output: {self.log_dir / log_name})" if log_name else ""
-            raise RuntimeError(f"docker compose {' '.join(args)} failed with exit status {result.returncode}{where}:\n{tail}")
+            raise RuntimeError(
+                f"docker compose {' '.join(args)} failed with exit status {result.returncode}{where}:\n{tail}"
+            )
         return output
 
     def config(self) -> dict[str, Any]:
@@ -210,41 +227,70 @@ def free_loopback_address(ports: Sequence[int], candidates: Sequence[str]) -> st
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="compose_test.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="compose_test.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--state-dir", type=Path, default=Path(os.environ.get("COMPOSE_TEST_STATE_DIR", DEFAULT_STATE_DIR)),
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("COMPOSE_TEST_STATE_DIR", DEFAULT_STATE_DIR)),
         help="a private dockerd's images, build cache and logs (kept for the next run); $COMPOSE_TEST_STATE_DIR",
     )
     # 1 PyTorch epoch serves ~98.6 %; 1 TensorFlow epoch only ~97.9 % on the load test's images, 2 ~98.9 %.
     # The two jobs train side by side and take about as long with these (a TF epoch is about half the CPU).
     parser.add_argument("--torch-epochs", type=int, default=1, help="epochs of torch-train (full data)")
     parser.add_argument("--tf-epochs", type=int, default=2, help="epochs of tf-train (full data)")
+    # On a small CPU host both jobs share the cores: this small CNN trains faster on one torch thread
+    # than on two (514 vs 470 images/s alone on 2 cores), and leaves the other core to TensorFlow.
+    parser.add_argument("--torch-threads", type=int, default=1, help="CPU threads of torch-train (0: all it may use)")
     parser.add_argument("--loadtest-seconds", type=float, default=3.0, help="each load-test sweep point")
     parser.add_argument("--base-image", default=base_image.DEFAULT_TAG, help="tag of the local base image")
     parser.add_argument("--wait-timeout", type=int, default=1800, help="seconds `up --wait` may take (training)")
     parser.add_argument(
-        "--require-engine", action="store_true", default=os.environ.get("COMPOSE_TEST_REQUIRE_ENGINE") == "1",
+        "--require-engine",
+        action="store_true",
+        default=os.environ.get("COMPOSE_TEST_REQUIRE_ENGINE") == "1",
         help="fail (exit 1) instead of skipping when no Docker engine can be had; $COMPOSE_TEST_REQUIRE_ENGINE=1",
     )
     args = parser.parse_args(argv)
     for option in ("torch_epochs", "tf_epochs"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: expected a positive number of epochs")
+    if args.torch_threads < 0:
+        parser.error(f"--torch-threads {args.torch_threads}: expected 0 (all CPUs) or a positive number of threads")
     if args.loadtest_seconds <= 0:
         parser.error(f"--loadtest-seconds {args.loadtest_seconds:g}: expected a positive duration")
     return args
 
 
+_interrupted: list[str] = []
+
+
 def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    """The first signal unwinds the test; later ones are ignored, so the clean-up runs to its end."""
+    name = signal.Signals(signum).name
+    if _interrupted:
+        log.warning("%s ignored: cleaning up after %s", name, _interrupted[0])
+        return
+    _interrupted.append(name)
+    raise Interrupted(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupted)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in signals}
+    _interrupted.clear()
+    try:
+        return _main(args)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(args: argparse.Namespace) -> int:
     timings = Timings()
     summary: dict[str, Any] = {"steps": timings.steps}
     started = time.monotonic()
@@ -254,11 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         log.error("interrupted by %s; the host has been restored", exc)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        log.error("interrupted; the host has been restored")
-        return EXIT_INTERRUPTED
-    except (RuntimeError, stack_checks.CheckFailed, base_image.BaseImageError, OSError,
-            subprocess.TimeoutExpired) as exc:
+    except (
+        RuntimeError,
+        stack_checks.CheckFailed,
+        base_image.BaseImageError,
+        OSError,
+        subprocess.TimeoutExpired,
+    ) as exc:
         log.error("FAILED: %s", exc)
         outcome = "failed"
     if outcome == "passed" and summary.get("cleanup_errors"):
@@ -290,13 +338,16 @@ def run_test(args: argparse.Namespace, timings: Timings, summary: dict[str, Any]
     with timings.step("engine"):
         try:
             engine = host_engine.provide_engine(
-                state_dir, on_started=lambda private: cleanup.callback(_stop_engine, private, timings, summary)
+                state_dir, on_started=lambda private: _started(private, timings, summary, cleanup)
             )
         except host_engine.EngineUnavailable as exc:
             log.warning("SKIPPED: no Docker engine: %s", exc)
             return "skipped"
-    summary["engine"] = {"version": engine.version, "docker_host": engine.docker_host, "started_here": engine.started_here}
-    timings.engine_dir = state_dir if engine.started_here else None
+    summary["engine"] = {
+        "version": engine.version,
+        "docker_host": engine.docker_host,
+        "started_here": engine.started_here,
+    }
     env = engine.env()
 
     with timings.step("base image"):
@@ -323,7 +374,7 @@ def run_test(args: argparse.Namespace, timings: Timings, summary: dict[str, Any]
 
     with timings.step("build"):
         compose.run("--progress", "plain", "--profile", "loadtest", "build", log_name="build.log")
-    summary["images"] = image_sizes(env, config)
+    summary["images"] = image_sizes(env, [args.base_image, *(s["image"] for s in config["services"].values())])
 
     failed = True
 
@@ -332,8 +383,17 @@ def run_test(args: argparse.Namespace, timings: Timings, summary: dict[str, Any]
             dump_diagnostics(compose)
         with timings.step("down"):
             try:
-                compose.run("--profile", "loadtest", "down", "--volumes", "--remove-orphans", "--timeout", "40",
-                            log_name="down.log", timeout_s=300)
+                compose.run(
+                    "--profile",
+                    "loadtest",
+                    "down",
+                    "--volumes",
+                    "--remove-orphans",
+                    "--timeout",
+                    "40",
+                    log_name="down.log",
+                    timeout_s=300,
+                )
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 summary.setdefault("cleanup_errors", []).append(str(exc))
                 log.error("clean-up: %s", exc)
@@ -343,11 +403,15 @@ def run_test(args: argparse.Namespace, timings: Timings, summary: dict[str, Any]
         compose.run("up", "--detach", "--wait", "--wait-timeout", str(args.wait_timeout), log_name="up.log")
     summary["training"] = training_summaries(compose)
 
-    arguments = stack_checks.loadtest_arguments(config["services"]["loadtest"]["command"], args.loadtest_seconds, REPORT_STEM)
+    arguments = stack_checks.loadtest_arguments(
+        config["services"]["loadtest"]["command"], args.loadtest_seconds, REPORT_STEM
+    )
     with timings.step("load test (service)"):
         # --no-deps: `up --wait` has made both servers healthy; without it Compose would start the
         # one-shot training jobs again first (they would only find their models and exit).
-        compose.run("--profile", "loadtest", "run", "--rm", "--no-deps", "loadtest", *arguments, log_name="loadtest.log")
+        compose.run(
+            "--profile", "loadtest", "run", "--rm", "--no-deps", "loadtest", *arguments, log_name="loadtest.log"
+        )
         print((log_dir / "loadtest.log").read_text(errors="replace").strip())
 
     with timings.step("checks"):
@@ -361,7 +425,9 @@ def run_test(args: argparse.Namespace, timings: Timings, summary: dict[str, Any]
     return "passed"
 
 
-def stack_env(base: dict[str, str], files: Sequence[Path], args: argparse.Namespace, staged: build_inputs.Staged) -> dict[str, str]:
+def stack_env(
+    base: dict[str, str], files: Sequence[Path], args: argparse.Namespace, staged: build_inputs.Staged
+) -> dict[str, str]:
     """The environment Compose runs in: the files' own variables set here and nowhere else."""
     from training.mnist_data import resolve_data_dir
 
@@ -373,6 +439,7 @@ def stack_env(base: dict[str, str], files: Sequence[Path], args: argparse.Namesp
         MNIST_DATA_DIR=str(resolve_data_dir()),  # containers have no network to download it with
         MNIST_TORCH_EPOCHS=str(args.torch_epochs),
         MNIST_TF_EPOCHS=str(args.tf_epochs),
+        MNIST_TORCH_THREADS=str(args.torch_threads),
         MNIST_LOCAL_BASE_IMAGE=args.base_image,
         MNIST_LOCAL_TORCH_CPU_INDEX_URL="" if staged.has_torch else TORCH_CPU_INDEX_URL,
         LOADTEST_USER=f"{owner.st_uid}:{owner.st_gid}",  # the load test writes ./reports as its owner
@@ -385,16 +452,18 @@ def host_path(container_path: str, config: dict[str, Any]) -> Path:
     for mount in config["services"]["loadtest"].get("volumes", []):
         target = mount["target"].rstrip("/")
         if mount.get("type") == "bind" and container_path.startswith(target + "/"):
-            return Path(mount["source"]) / container_path[len(target) + 1:]
+            return Path(mount["source"]) / container_path[len(target) + 1 :]
     raise RuntimeError(f"{container_path} is not on a bind mount of the loadtest service")
 
 
-def image_sizes(env: dict[str, str], config: dict[str, Any]) -> dict[str, int]:
+def image_sizes(env: dict[str, str], images: Sequence[str]) -> dict[str, int]:
     sizes = {}
-    for service in config["services"].values():
-        image = service["image"]
+    for image in images:
         result = subprocess.run(
-            ["docker", "image", "inspect", "--format", "{{.Size}}", image], env=env, capture_output=True, text=True,
+            ["docker", "image", "inspect", "--format", "{{.Size}}", image],
+            env=env,
+            capture_output=True,
+            text=True,
             check=False,
         )
         if result.returncode == 0:
@@ -425,8 +494,14 @@ def host_calls(address: str, config: dict[str, Any], data_dir: str) -> dict[str,
     grpc_port = _published(config, "tf-serving")
     answers = stack_checks.call_servers(f"http://{address}:{rest_port}", f"{address}:{grpc_port}", images, labels)
     for answer in answers:
-        log.info("host -> %s (%s): version %s, accuracy %.4f on %d test images",
-                 answer.name, answer.address, answer.model_version, answer.accuracy, len(labels))
+        log.info(
+            "host -> %s (%s): version %s, accuracy %.4f on %d test images",
+            answer.name,
+            answer.address,
+            answer.model_version,
+            answer.accuracy,
+            len(labels),
+        )
     agree = stack_checks.agreement(answers)
     log.info("the two servers agree on %.4f of the images", agree)
     return {
@@ -453,6 +528,13 @@ def dump_diagnostics(compose: Compose) -> None:
             log.error("docker compose %s:\n%s", " ".join(args), compose.run(*args, timeout_s=60))
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             log.error("docker compose %s failed: %s", " ".join(args), exc)
+
+
+def _started(
+    engine: host_engine.PrivateEngine, timings: Timings, summary: dict[str, Any], cleanup: contextlib.ExitStack
+) -> None:
+    timings.cpu.engine = engine
+    cleanup.callback(_stop_engine, engine, timings, summary)
 
 
 def _stop_engine(engine: host_engine.PrivateEngine, timings: Timings, summary: dict[str, Any]) -> None:

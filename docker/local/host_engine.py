@@ -32,8 +32,6 @@ log = logging.getLogger("compose-test.engine")
 DEFAULT_SOCKET = Path("/var/run/docker.sock")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 MOUNTINFO = Path("/proc/self/mountinfo")
-# Links dockerd creates: the default bridge, one bridge per network (br-<network id>), container veths.
-_DOCKER_LINK = re.compile(r"^(docker0|br-[0-9a-f]{12}|veth[0-9a-f]{7})$")
 # Packages that provide the commands the compose test runs (Debian and Ubuntu names).
 ENGINE_PACKAGES = {"dockerd": "docker.io", "docker": "docker.io"}
 START_TIMEOUT_S = 60.0
@@ -103,12 +101,14 @@ def install_packages(needs_to_packages: Mapping[str, str], what: str) -> None:
         return
     packages = sorted({needs_to_packages[n] for n in lacking})
     if os.geteuid() != 0:
-        raise EngineUnavailable(f"{what} needs {', '.join(lacking)} (Debian packages {', '.join(packages)}); "
-                                "installing them needs root")
+        raise EngineUnavailable(
+            f"{what} needs {', '.join(lacking)} (Debian packages {', '.join(packages)}); installing them needs root"
+        )
     apt_get = shutil.which("apt-get")
     if apt_get is None:
-        raise EngineUnavailable(f"{what} needs {', '.join(lacking)}, and this host has no apt-get to install "
-                                f"{', '.join(packages)} with")
+        raise EngineUnavailable(
+            f"{what} needs {', '.join(lacking)}, and this host has no apt-get to install {', '.join(packages)} with"
+        )
     log.info("installing %s (for %s)", " ".join(packages), what)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = [apt_get, "install", "--yes", "--no-install-recommends", *packages]
@@ -195,13 +195,16 @@ class HostState:
             firewall_dump=dump,
         )
 
-    def restore(self, state_dir: Path) -> list[str]:
-        """Undo what a stopped private dockerd left behind; returns one line per repair made."""
+    def restore(self, state_dir: Path, engine_links: set[str]) -> list[str]:
+        """Undo what a stopped private dockerd left behind; returns one line per repair made.
+
+        ``engine_links``: the links that engine's networks use (``br-<id>``); of the links that appeared
+        since the snapshot, only those are deleted (another engine may have made the rest meanwhile).
+        """
         repairs = [f"unmounted {p}" for p in unmount_under(state_dir)]
-        for link in sorted(network_links() - self.links):
-            if _DOCKER_LINK.match(link):
-                subprocess.run(["ip", "link", "delete", link], capture_output=True, check=False)
-                repairs.append(f"deleted network link {link}")
+        for link in sorted((network_links() - self.links) & engine_links):
+            subprocess.run(["ip", "link", "delete", link], capture_output=True, check=False)
+            repairs.append(f"deleted network link {link}")
         if self.ip_forward is not None and IP_FORWARD.exists():
             now = IP_FORWARD.read_text().strip()
             if now != self.ip_forward:
@@ -312,6 +315,41 @@ def processes_using(path: Path) -> list[int]:
     return pids
 
 
+def run_process_group(command: list[str], timeout_s: float | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group, and end the whole group if we are interrupted.
+
+    subprocess.run kills only its direct child on an exception; a tool such as debootstrap leaves
+    grandchildren (dpkg under chroot) that would keep writing into a tree being deleted.
+    """
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except BaseException:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(process.pid, signal.SIGKILL)  # whatever of the group is still there
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
 def process_cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds the processes have used so far (0 for one that is gone)."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -332,6 +370,8 @@ class PrivateEngine:
         self.layout = layout
         self._process: subprocess.Popen | None = None
         self._host_state: HostState | None = None
+        # CPU seconds of dockerd and what it reaped (containerd), added to our RUSAGE_CHILDREN when we reap it.
+        self.reaped_cpu_s = 0.0
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> Engine:
         if os.geteuid() != 0:
@@ -370,21 +410,50 @@ class PrivateEngine:
     def stop(self) -> list[str]:
         """Stop dockerd (and anything of its still running), then restore the host; returns the repairs."""
         process = self._process
-        if process is not None and process.poll() is None:
-            # Our child: wait() reaps it (a signal-0 probe would still see the zombie).
+        engine_links = self._bridge_links()
+        if process is not None and process.returncode is None:
             process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while not self._reap(process) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if process.returncode is None:
                 log.warning("dockerd (pid %d) did not stop within %.0f s; killing it", process.pid, STOP_TIMEOUT_S)
                 process.kill()
-                process.wait()
+                while not self._reap(process):
+                    time.sleep(0.1)
         for pid in processes_using(self.layout.exec_root):
             log.warning("stopping pid %d left running under %s", pid, self.layout.exec_root)
             _stop_pid(pid, 5.0)
-        repairs = self._host_state.restore(self.layout.state_dir) if self._host_state else []
+        repairs = self._host_state.restore(self.layout.state_dir, engine_links) if self._host_state else []
         self.layout.socket.unlink(missing_ok=True)
         return repairs
+
+    def _bridge_links(self) -> set[str]:
+        """``br-<id>``, the host link of each bridge network of this engine (asked while it still runs)."""
+        if self._process is None or self._process.returncode is not None or shutil.which("docker") is None:
+            return set()
+        try:
+            result = subprocess.run(
+                ["docker", "network", "ls", "--no-trunc", "--filter", "driver=bridge", "--format", "{{.ID}}"],
+                env=dict(os.environ, DOCKER_HOST=self.layout.docker_host),
+                capture_output=True,
+                text=True,
+                timeout=15,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return set()
+        return {f"br-{network_id[:12]}" for network_id in result.stdout.split()}
+
+    def _reap(self, process: subprocess.Popen) -> bool:
+        """Reap dockerd if it has exited (our child: a signal-0 probe would still see the zombie),
+        noting the CPU time its tree used."""
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        process.returncode = os.waitstatus_to_exitcode(status)
+        self.reaped_cpu_s = usage.ru_utime + usage.ru_stime
+        return True
 
     def log_tail(self, lines: int = 15) -> str:
         try:

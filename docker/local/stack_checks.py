@@ -134,7 +134,10 @@ def call_servers(
     """Predict ``images`` on both servers through the client package; CheckFailed lists what went wrong."""
     answers: list[ServerAnswer] = []
     problems: list[str] = []
-    clients = (("pytorch-rest", rest_url, RestClient(rest_url)), ("tfserving-grpc", grpc_target, GrpcClient(grpc_target)))
+    clients = (
+        ("pytorch-rest", rest_url, RestClient(rest_url)),
+        ("tfserving-grpc", grpc_target, GrpcClient(grpc_target)),
+    )
     for name, address, client in clients:
         with client:
             try:
@@ -149,7 +152,9 @@ def call_servers(
         version = prediction.model_version if prediction.model_version is not None else max(available, default=None)
         answers.append(ServerAnswer(name, address, version, accuracy, prediction.classes))
         if accuracy < min_accuracy:
-            problems.append(f"{name} ({address}): accuracy {accuracy:.4f} on {len(labels)} test images < {min_accuracy:g}")
+            problems.append(
+                f"{name} ({address}): accuracy {accuracy:.4f} on {len(labels)} test images < {min_accuracy:g}"
+            )
         if not available:
             problems.append(f"{name} ({address}): no model version AVAILABLE ({statuses})")
     if problems:
