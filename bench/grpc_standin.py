@@ -7,14 +7,19 @@
    (requests built once, so the loop measures the server, not request building):
    - single-image Predict at concurrency 1, 4 and 16 (closed loop): p50, p99, calls/s;
    - batch-256 Predict one call at a time (the floor's parallelism): images/s;
-   each with server-side batching off and on (``serving/tfserving/batching_parameters_cpu.txt``).
+   in three configurations: one intra- and inter-op thread with server-side batching off, the same
+   with batching on (``serving/tfserving/batching_parameters_cpu.txt``), and TensorFlow's default
+   thread pools (no thread flags, as ``tensorflow_model_server`` starts), which a large batch wants.
    Concurrency is spread over client processes (``--client-processes``), each running threads,
    so the client's GIL does not cap the figures.
 
-Ratios to the floor come from this same run. Targets on the 2-core machine (client and server
-share the cores): p50 <= 1.0 ms at concurrency 1, >= 2,000 calls/s at concurrency 16,
-batch-256 >= 70% of the in-process images/s. The JSON records the load average around each
-measurement: the cores are shared, and a busy machine moves every figure.
+Ratios to the floor come from this same run, and so does a model-only ceiling for concurrency 16:
+the calls/s the cores would give if each call cost only the model's one-thread batch-1 run (measured
+in a fresh process) and the client's measured CPU per call; a target above it cannot be reached here.
+Targets on the 2-core machine (client and server share the cores): p50 <= 1.0 ms at
+concurrency 1, >= 2,000 calls/s at concurrency 16, batch-256 >= 70% of the in-process images/s.
+The JSON records the load average around each measurement: the cores are shared, and a busy
+machine moves every figure.
 
     python -m bench.grpc_standin [--models-dir models] [--duration 4] [--no-batching-sweep]
 
@@ -114,6 +119,7 @@ def drive(target: str, batch: int, threads: int, start_at: float, seconds: float
     stub, requests = _client(target, batch)
     end_at = start_at + seconds
     latencies: list[list[int]] = [[] for _ in range(threads)]
+    sent = [0] * threads  # every call, warm-up included, for the client's CPU per call
     errors: list[str] = []
 
     def loop(index: int) -> None:
@@ -125,6 +131,7 @@ def drive(target: str, batch: int, threads: int, start_at: float, seconds: float
             now = time.time()
             if now >= end_at:
                 return
+            sent[index] += 1
             try:
                 predict(request, timeout=30)
             except grpc.RpcError as exc:
@@ -134,12 +141,35 @@ def drive(target: str, batch: int, threads: int, start_at: float, seconds: float
                 mine.append(time.perf_counter_ns() - started)
 
     workers = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
+    cpu_started = time.process_time()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
     return {"latencies_ns": [x for part in latencies for x in part], "errors": errors[:20],
-            "error_count": len(errors)}
+            "error_count": len(errors), "client_cpu_seconds": time.process_time() - cpu_started,
+            "client_calls": sum(sent)}
+
+
+def floor_one_thread(base_path: str) -> float:
+    """Batch-1 median (ms) of the SavedModel with one intra- and inter-op thread, in a fresh process.
+
+    The stand-in under test runs with those pools; TensorFlow's pools are fixed once it starts, so
+    this runs in a spawned worker, not in the parent that measured the default-pool floor.
+    """
+    from bench.inprocess import measure_tf, mnist_test_images
+
+    images, labels = mnist_test_images()
+    figures = measure_tf(Path(base_path), images, labels, threads=1, calls={1: 1000, 64: 20, BATCH: 8})
+    return float(figures["latency"]["1"]["median_ms"])
+
+
+def model_ceiling_calls_per_second(cpus: int, model_ms: float, client_cpu_us_per_call: float) -> float:
+    """Calls/s if each call cost only the model's batch-1 run and the client's own CPU, on every core.
+
+    No server, however thin, passes this bound on this machine with this model.
+    """
+    return round(cpus * 1000 / (model_ms + client_cpu_us_per_call / 1000), 1)
 
 
 def _warm(target: str, batch: int) -> bool:
@@ -232,6 +262,8 @@ def measure(pool: ProcessPoolExecutor, target: str, server_pid: int, batch: int,
     parts = [f.result(timeout=seconds + 120) for f in futures]
     latencies = np.array([x for p in parts for x in p["latencies_ns"]], dtype=np.float64) / 1e6
     errors = sum(p["error_count"] for p in parts)
+    client_calls = sum(p["client_calls"] for p in parts)
+    client_cpu = sum(p["client_cpu_seconds"] for p in parts)
     if errors:
         log.warning("%d failed calls, e.g. %s", errors, [e for p in parts for e in p["errors"]][:3])
     calls = len(latencies)
@@ -248,6 +280,7 @@ def measure(pool: ProcessPoolExecutor, target: str, server_pid: int, batch: int,
         "p99_ms": round(float(np.percentile(latencies, 99)), 3) if calls else None,
         # Server CPU (user + system, all threads) per call: less sensitive to a busy machine than wall time.
         "server_cpu_us_per_call": round(server_cpu / calls * 1e6, 1) if calls else None,
+        "client_cpu_us_per_call": round(client_cpu / client_calls * 1e6, 1) if client_calls else None,
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
@@ -262,7 +295,8 @@ def run_config(pool: ProcessPoolExecutor, base_path: Path, label: str, flags: li
     return {"command": command, "single_image": single, f"batch_{BATCH}": batched}
 
 
-def evaluate(config: dict[str, Any], floor_images_per_second: float) -> dict[str, Any]:
+def evaluate(config: dict[str, Any], floor_images_per_second: float, floor_one_thread_ms: float,
+             cpus: int) -> dict[str, Any]:
     single = config["single_image"]
     fraction = config[f"batch_{BATCH}"]["images_per_second"] / floor_images_per_second
     figures = {
@@ -277,14 +311,18 @@ def evaluate(config: dict[str, Any], floor_images_per_second: float) -> dict[str
         and figures["calls_per_second_at_concurrency_16"] >= TARGETS["calls_per_second_at_concurrency_16"],
         "batch_256_fraction_of_in_process": fraction >= TARGETS["batch_256_fraction_of_in_process"],
     }
-    return {"figures": figures, "met": met}
+    ceiling = None
+    if "16" in single and single["16"]["client_cpu_us_per_call"]:
+        ceiling = model_ceiling_calls_per_second(cpus, floor_one_thread_ms, single["16"]["client_cpu_us_per_call"])
+    return {"figures": figures, "met": met, "calls_per_second_at_concurrency_16_model_ceiling": ceiling}
 
 
 def format_table(result: dict[str, Any]) -> str:
     floor = result["in_process"]
     lines = [
-        f"in-process floor: batch-1 median {floor['batch_1_median_ms']:.3f} ms, "
-        f"batch-{BATCH} {floor['batch_256_images_per_second']:,.0f} images/s",
+        f"in-process floor: batch-1 median {floor['batch_1_median_ms']:.3f} ms (default pools), "
+        f"{floor['batch_1_one_thread_median_ms']:.3f} ms (one thread), "
+        f"batch-{BATCH} {floor['batch_256_images_per_second']:,.0f} images/s (default pools)",
         f"{'configuration':<14}{'measure':<18}{'p50 ms':>9}{'p99 ms':>9}{'calls/s':>10}{'images/s':>11}"
         f"{'vs floor':>9}{'srv cpu us':>11}{'load 1m':>14}",
     ]
@@ -305,6 +343,12 @@ def format_table(result: dict[str, Any]) -> str:
                      "in-process images/s")
         lines.append(f"{'':<14}targets: " + ", ".join(
             f"{k}={v} ({'met' if verdict['met'][k] else 'NOT met'})" for k, v in verdict["figures"].items()))
+        ceiling = verdict["calls_per_second_at_concurrency_16_model_ceiling"]
+        if ceiling is not None:
+            client_us = config["single_image"]["16"]["client_cpu_us_per_call"]
+            lines.append(f"{'':<14}model-only ceiling at c=16: {ceiling:,.0f} calls/s ({result['cpus']} CPUs / (model "
+                         f"batch-1 on one thread {floor['batch_1_one_thread_median_ms']:.3f} ms + client "
+                         f"{client_us / 1000:.3f} ms per call))")
     return "\n".join(lines)
 
 
@@ -317,9 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
     parser.add_argument("--client-processes", type=int, default=2,
                         help="client processes for concurrency above 1 (each runs threads)")
-    parser.add_argument("--no-batching-sweep", action="store_true", help="measure with batching off only")
+    parser.add_argument("--no-batching-sweep", action="store_true", help="skip the batching-on configuration")
+    parser.add_argument("--no-default-pools", action="store_true",
+                        help="skip the configuration with TensorFlow's default thread pools (no thread flags)")
     parser.add_argument("--standin-flags", default=" ".join(STANDIN_FLAGS),
-                        help="tensorflow_model_server flags for the measured stand-in (both configurations)")
+                        help="tensorflow_model_server flags of the batching-off and batching-on configurations")
     return parser
 
 
@@ -351,9 +397,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_batching_sweep:
         configurations["batching_on"] = [*flags, "--enable_batching=true",
                                          f"--batching_parameters_file={CPU_BATCHING_FILE}"]
+    if not args.no_default_pools:
+        # TensorFlow's own pools (every core for one run), as tensorflow_model_server starts without
+        # thread flags: what a single large batch wants.
+        configurations["default_pools"] = []
     processes_for = {c: 1 if c == 1 else args.client_processes for c in args.concurrency}
     context = multiprocessing.get_context("spawn")  # the parent runs TensorFlow: never fork it
     with ProcessPoolExecutor(max_workers=max(processes_for.values()), mp_context=context) as pool:
+        floor["batch_1_one_thread_median_ms"] = pool.submit(floor_one_thread, str(base_path)).result()
         measured = {label: run_config(pool, base_path, label, flags, args, processes_for)
                     for label, flags in configurations.items()}
 
@@ -366,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "in_process": floor,
         "configurations": measured,
-        "targets": {label: evaluate(config, floor["batch_256_images_per_second"])
+        "targets": {label: evaluate(config, floor["batch_256_images_per_second"],
+                                    floor["batch_1_one_thread_median_ms"], os.cpu_count() or 1)
                     for label, config in measured.items()},
         "target_values": TARGETS,
     }

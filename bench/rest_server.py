@@ -312,8 +312,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["worker_class_sweep"] = batching_sweep(base, folder, single, server_env, args.duration)
 
     c1, c16 = result["single_image_json"]["1"], result["single_image_json"]["16"]
+    for run in result["single_image_json"].values():
+        run["server_cpu_beyond_model_us"] = round(run["server_cpu_us_per_request"] - floor_b1_ms * 1000, 1)
     result["targets"] = {
         **TARGETS,
+        "rps_c16_model_ceiling": model_ceiling_rps(result["machine"]["cpus"], floor_b1_ms, c16),
         "rps_c16": c16["requests_per_second"],
         "p50_c1_ms": c1["p50_ms"],
         "npy_batch_ratio": result["batch_256"]["npy_c1"]["vs_floor"],
@@ -331,6 +334,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 OPTIMISED_COPY_BATCHES = (1, 2, 4, 8, 64, 256)
+
+
+def model_ceiling_rps(cpus: int, model_ms: float, run: dict[str, Any]) -> float:
+    """Requests/s if each request cost only the model's batch-1 call and wrk's own CPU, on every core.
+
+    An upper bound that no server (of any overhead) can pass on this machine with this model: when it
+    lies below a target, the target is out of reach here, whatever the serving code does.
+    """
+    per_request_ms = model_ms + run["wrk_cpu_us_per_request"] / 1000
+    return round(cpus * 1000 / per_request_ms, 1)
 
 
 def server_model_throughput(version_dir: Path, images: np.ndarray) -> dict[str, Any]:
@@ -445,8 +458,14 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{run['p99_ms']:>9.3f}{run['server_cpu_us_per_request']:>19,.0f}  {run['requests_per_worker']}"
                 )
     t = result["targets"]
+    single = result["single_image_json"]
+    c16 = single["16"]
     lines += [
         "",
+        f"model-only ceiling at c16: {t['rps_c16_model_ceiling']:,.0f} req/s ({result['machine']['cpus']} CPUs / "
+        f"(model batch-1 {b1:.3f} ms + wrk {c16['wrk_cpu_us_per_request'] / 1000:.3f} ms per request)); "
+        "server CPU beyond the model per request: "
+        + ", ".join(f"c{c} {run['server_cpu_beyond_model_us']:,.0f} us" for c, run in single.items()),
         f"targets: c16 {t['rps_c16']:,.0f} req/s (>= {t['rps_c16_min']:,.0f}: {_ok(t['met']['rps_c16'])}), "
         f"c1 p50 {t['p50_c1_ms']:.3f} ms (<= {t['p50_c1_max_ms']}: {_ok(t['met']['p50_c1'])}), "
         f".npy batch-256 {t['npy_batch_ratio']:.2f} of floor (>= {t['npy_batch_ratio_min']}: "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -78,20 +79,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINERS = (("pytorch", "training.train_torch"), ("tensorflow", "training.train_tf"))
+
+
 def train_missing(config: StackConfig, extra: list[str]) -> None:
-    """Run each framework's trainer (with its progress on this terminal) if it has no export yet."""
-    for module, base in (("training.train_torch", config.torch_base_path), ("training.train_tf", config.tf_base_path)):
-        if latest_version(base) is not None:
-            log.info("using the exported model in %s (version %d)", base, latest_version(base))
-            continue
-        log.info("no model in %s: training it now (%s)", base, module)
-        cmd = [
-            sys.executable, "-m", module, "--output-dir", str(config.models_dir),
-            "--log-dir", str(REPO_ROOT / "runs"), *extra,
-        ]  # fmt: skip
-        result = subprocess.run(cmd, cwd=REPO_ROOT)
-        if result.returncode != 0:
-            raise StackError(f"{module} failed with exit status {result.returncode}")
+    """Train each framework that has no export yet, with its progress on this terminal.
+
+    When both are missing they train at the same time, each pinned to half the cores: on 2 cores
+    that finished both in less time than one after the other with both cores each, because neither
+    framework's small-batch step scales to a second thread (figures in docs/training-*.md).
+    Output lines are prefixed with the framework. A failure of one is reported after the other
+    finishes (its export is kept and reused next time); Ctrl-C stops both.
+    """
+    bases = {"pytorch": config.torch_base_path, "tensorflow": config.tf_base_path}
+    missing = []
+    for framework, module in TRAINERS:
+        version = latest_version(bases[framework])
+        if version is not None:
+            log.info("using the exported model in %s (version %d)", bases[framework], version)
+        else:
+            log.info("no model in %s: training it now (%s)", bases[framework], module)
+            missing.append((framework, module))
+    if not missing:
+        return
+    threads = _usable_cpus() // len(missing) if len(missing) > 1 else 0
+    if len(missing) > 1:
+        log.info("training both at once, %d CPU thread(s) each", max(threads, 1))
+    running: list[tuple[str, subprocess.Popen[bytes], threading.Thread]] = []
+    try:
+        for framework, module in missing:
+            cmd = [
+                sys.executable, "-m", module, "--output-dir", str(config.models_dir),
+                "--log-dir", str(REPO_ROOT / "runs"),
+                *(["--num-threads", str(max(threads, 1))] if threads or len(missing) > 1 else []),
+                *extra,  # last, so the caller's flags win
+            ]  # fmt: skip
+            process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            pump = threading.Thread(target=_relay, args=(process, f"[{framework}] "), daemon=True)
+            pump.start()
+            running.append((framework, process, pump))
+        failed = []
+        for framework, process, pump in running:
+            status = process.wait()
+            pump.join()
+            if status != 0:
+                failed.append(f"{framework} training exited with status {status}")
+    finally:
+        for _, process, _ in running:
+            _stop(process)
+    if failed:
+        raise StackError("; ".join(failed) + " (its output is above, prefixed with the framework)")
+
+
+_OUTPUT_LOCK = threading.Lock()
+
+
+def _relay(process: subprocess.Popen[bytes], prefix: str) -> None:
+    """Copy a trainer's output to this terminal line by line, each line prefixed."""
+    assert process.stdout is not None
+    for raw in iter(process.stdout.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\r\n")
+        with _OUTPUT_LOCK:
+            sys.stdout.write(f"{prefix}{line}\n")
+            sys.stdout.flush()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:

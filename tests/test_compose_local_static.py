@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from mnist_client import contract
+from training import recipe
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_DIR = REPO / "docker" / "local"
@@ -316,12 +317,13 @@ def test_makefile_runs_the_compose_test() -> None:
 
 
 def test_training_settings_reach_each_trainer(local_config: dict) -> None:
-    env = {"MNIST_TORCH_EPOCHS": "1", "MNIST_TF_EPOCHS": "2", "MNIST_TORCH_THREADS": "1"}
+    env = {"MNIST_TORCH_EPOCHS": "1", "MNIST_TF_EPOCHS": "2", "MNIST_TORCH_THREADS": "1", "MNIST_TF_THREADS": "1"}
     config = resolved(COMPOSE_FILE, CPU_OVERRIDE, LOCAL_OVERRIDE, env=env)
     for service, option, value, default in (
-        ("torch-train", "--epochs", "1", "4"),
-        ("tf-train", "--epochs", "2", "4"),
+        ("torch-train", "--epochs", "1", str(recipe.DEFAULT_EPOCHS)),
+        ("tf-train", "--epochs", "2", str(recipe.DEFAULT_EPOCHS)),
         ("torch-train", "--num-threads", "1", "0"),
+        ("tf-train", "--num-threads", "1", "0"),
     ):
         command = config["services"][service]["command"]
         assert command[command.index(option) + 1] == value, service

@@ -19,7 +19,9 @@ from conftest import free_port
 from mnist_client.grpc_client import GrpcClient
 from mnist_client.loadtest import LoadTestConfig, parse_target, run
 from mnist_client.rest import RestClient
+from serving.model_repository import latest_version
 from stack.config import REPO_ROOT, StackConfig
+from stack.demo import train_missing
 from stack.processes import StackError, ensure_port_free
 from stack.servers import running_stack
 
@@ -97,6 +99,35 @@ def test_demo_writes_reports_with_training_comparison(model_repo, tmp_path):
     assert "Training and in-process inference" in page and "<svg" in page
     assert (config.report_dir / "demo.csv").read_text().count("\n") >= 5  # header + 2 targets x 2 points
     assert not _port_open(config.rest_port) and not _port_open(config.grpc_port)
+
+
+def test_demo_trains_both_missing_models_at_once_with_prefixed_progress(tmp_path, capfd):
+    config = _config(tmp_path / "models", tmp_path)
+    train_args = ["--quick", "--log-dir", str(tmp_path / "runs")]
+    train_missing(config, train_args)
+
+    assert latest_version(config.torch_base_path) == 1 and latest_version(config.tf_base_path) == 1
+    lines = capfd.readouterr().out.splitlines()
+    torch_lines = [line for line in lines if line.startswith("[pytorch] ")]
+    tf_lines = [line for line in lines if line.startswith("[tensorflow] ")]
+    # Both ran, each pinned to half of the cores (at least one thread).
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert any(f"{threads} threads" in line for line in torch_lines), torch_lines[-5:]
+    assert any(f"CPU threads {threads}" in line for line in tf_lines), tf_lines[-5:]
+    assert any("done in" in line for line in torch_lines) and any("summary:" in line for line in tf_lines)
+
+    # Exported models are reused, not trained again.
+    train_missing(config, train_args)
+    assert latest_version(config.torch_base_path) == 1 and latest_version(config.tf_base_path) == 1
+
+
+def test_demo_training_failure_names_each_failed_framework(tmp_path):
+    config = _config(tmp_path / "models", tmp_path)
+    with pytest.raises(StackError) as info:
+        train_missing(config, ["--quick", "--data-dir", str(tmp_path / "no-mnist-here")])
+    message = str(info.value)
+    assert "pytorch training exited with status" in message and "tensorflow training exited with status" in message
+    assert latest_version(config.torch_base_path) is None and latest_version(config.tf_base_path) is None
 
 
 def test_serve_runs_until_sigterm(model_repo, tmp_path):

@@ -117,6 +117,7 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         (["--optimizer", "sgd", "--momentum", "1.5"], "expected a value in [0, 1)"),
         (["--version", "0"], "--version: 0: expected a positive integer"),
         (["--log-interval", "-1"], "expected 0 or a positive number of steps"),
+        (["--num-threads", "-2"], "--num-threads -2: expected 0 (TensorFlow's default) or a positive count"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

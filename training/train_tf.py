@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
-from training import mnist_data
+from training import mnist_data, recipe
 from training.model_tf import build_model, export_saved_model, normalize
 
 log = logging.getLogger("train_tf")
@@ -54,9 +54,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train the MNIST CNN with TensorFlow/Keras and export a SavedModel.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=_positive_int, default=4, help="passes over the training set")
-    parser.add_argument("--batch-size", type=_positive_int, default=128, help="images per step and replica")
-    parser.add_argument("--lr", type=_positive_float, default=1e-3, help="initial learning rate (cosine decay to 0)")
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=recipe.DEFAULT_EPOCHS, help="passes over the training set"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=recipe.DEFAULT_BATCH_SIZE, help="images per step and replica"
+    )
+    parser.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="peak learning rate of the one-cycle schedule (default: 0.003 for adam, 0.05 for sgd, as train_torch)",
+    )
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="Adam, or SGD with momentum")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (--optimizer sgd only)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, dropout, shuffling)")
@@ -65,6 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("auto", "cpu", "gpu", "cuda"),
         default="auto",
         help="auto: every visible GPU if any, else the CPU; cuda is an alias for gpu",
+    )
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=0,
+        help="intra- and inter-op CPU threads (0: TensorFlow's default, one per core); "
+        "1 lets another job train beside this one on a second core",
     )
     parser.add_argument(
         "--data-dir",
@@ -99,6 +115,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.optimizer == "adam" and args.momentum != parser.get_default("momentum"):
         parser.error("--momentum applies to --optimizer sgd only")
+    if args.lr is None:
+        args.lr = recipe.DEFAULT_LR[args.optimizer]
+    if args.num_threads < 0:
+        parser.error(f"--num-threads {args.num_threads}: expected 0 (TensorFlow's default) or a positive count")
     if args.log_interval < 0:
         parser.error(f"--log-interval {args.log_interval}: expected 0 or a positive number of steps")
     if not 0.0 <= args.momentum < 1.0:
@@ -141,6 +161,15 @@ class Cluster:
     @property
     def replicas(self) -> int:
         return int(self.strategy.num_replicas_in_sync)
+
+
+def set_cpu_threads(count: int) -> None:
+    """Pin TensorFlow's intra- and inter-op pools to ``count`` threads (only possible before it starts)."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(count)
+        tf.config.threading.set_inter_op_parallelism_threads(count)
+    except RuntimeError:  # TensorFlow already ran an op in this process (a test calling main twice)
+        log.warning("TensorFlow has already started in this process; --num-threads %d is not applied", count)
 
 
 def select_devices(device: str) -> list[tf.config.PhysicalDevice]:
@@ -219,8 +248,21 @@ def subset(split: mnist_data.Split, count: int) -> mnist_data.Split:
 
 
 def make_optimizer(name: str, lr: float, momentum: float, total_steps: int) -> tf.keras.optimizers.Optimizer:
-    """Adam or SGD with momentum, the learning rate following a cosine decay to 0 over the run."""
-    schedule = tf.keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(total_steps, 1))
+    """Adam or SGD with momentum on a one-cycle schedule, as train_torch uses (the same recipe in both).
+
+    The learning rate rises linearly from lr/25 to ``lr`` over the first 15% of the steps, then
+    follows a cosine decay to about 0, stepped per batch (torch's OneCycleLR warms up along a cosine;
+    the difference is immaterial).
+    """
+    total_steps = max(total_steps, 1)
+    warmup_steps = int(total_steps * recipe.ONE_CYCLE_WARMUP)
+    schedule = tf.keras.optimizers.schedules.CosineDecay(
+        lr / recipe.ONE_CYCLE_DIV,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        alpha=1 / (recipe.ONE_CYCLE_DIV * recipe.ONE_CYCLE_FINAL_DIV),  # relative to the peak
+        warmup_target=lr,
+        warmup_steps=warmup_steps,
+    )
     if name == "adam":
         return tf.keras.optimizers.Adam(learning_rate=schedule)
     return tf.keras.optimizers.SGD(learning_rate=schedule, momentum=momentum)
@@ -387,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "choose another --version, omit it for the next free one, or pass --skip-if-exists"
         )
 
+    if args.num_threads:
+        set_cpu_threads(args.num_threads)
     # The strategy must exist before TensorFlow runs any op (MultiWorkerMirroredStrategy insists).
     cluster = make_cluster(select_devices(args.device))
     tf.keras.utils.set_random_seed(args.seed)
@@ -412,7 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         TensorBoardLog(run_dir, test.images[:SAMPLE_IMAGES], test.labels[:SAMPLE_IMAGES]) if cluster.is_chief else None
     )
     log.info(
-        "training %d epoch(s) on %d images: %s strategy, %d replica(s) on %d worker(s), global batch %d, %s lr %g",
+        "training %d epoch(s) on %d images: %s strategy, %d replica(s) on %d worker(s), global batch %d, %s lr %g, "
+        "CPU threads %s",
         args.epochs,
         len(train),
         cluster.name,
@@ -421,6 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         global_batch,
         args.optimizer,
         args.lr,
+        tf.config.threading.get_intra_op_parallelism_threads() or "default (one per core)",
     )
     started = time.perf_counter()
     epochs, evaluation = fit(trainer, train_ds, test_ds, args.epochs, args.log_interval, tensorboard)
@@ -438,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "global_batch_size": global_batch,
             "lr": args.lr,
-            "lr_schedule": "cosine",
+            "lr_schedule": recipe.LR_SCHEDULE,
             "optimizer": args.optimizer,
             **({"momentum": args.momentum} if args.optimizer == "sgd" else {}),
             "seed": args.seed,

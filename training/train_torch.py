@@ -39,13 +39,12 @@ from tqdm import tqdm
 
 from mnist_client import contract
 from serving.model_repository import list_versions, model_base_path
-from training import mnist_data
+from training import mnist_data, recipe
 from training.model_torch import Net, export_torchscript, select_device
 
 log = logging.getLogger("train_torch")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_LR = {"adam": 3e-3, "sgd": 0.05}
 # --quick: enough data for clearly-above-chance accuracy in a few seconds.
 QUICK_TRAIN_EXAMPLES = 3000
 QUICK_TEST_EXAMPLES = 1000
@@ -102,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the MNIST CNN in PyTorch and export it as TorchScript.",
         formatter_class=_DefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=positive_int, default=4, help="passes over the training set")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step (per process)")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=recipe.DEFAULT_EPOCHS, help="passes over the training set"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=recipe.DEFAULT_BATCH_SIZE, help="images per step (per process)"
+    )
     parser.add_argument(
         "--lr", type=positive_float, default=None, help="peak learning rate (default: 0.003 for adam, 0.05 for sgd)"
     )
@@ -128,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "models", help="model repository root")
     parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / "runs", help="TensorBoard log root")
     parser.add_argument("--run-name", default=None, help="TensorBoard run name (default: timestamp and settings)")
+    parser.add_argument(
+        "--log-interval",
+        type=non_negative_int,
+        default=100,
+        help="log the running loss every N steps when no progress bar is shown (output not a terminal); "
+        "0: per epoch only",
+    )
     parser.add_argument("--version", type=positive_int, default=None, help="version to export (default: next free)")
     parser.add_argument(
         "--quick",
@@ -230,6 +240,7 @@ def train_epoch(
     board: TensorBoardLog | None,
     global_step: int,
     epoch: int,
+    log_interval: int = 0,
 ) -> tuple[EpochStats, int]:
     """One pass over this process's shard; returns all-reduced stats and the new global step."""
     model.train()
@@ -239,8 +250,10 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.long, device=device)
     steps = math.ceil(len(indices) / batch_size)
     bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, disable=None if info.is_main else True)
+    # Without a bar (output to a file or pipe), progress lines instead; from the main process only.
+    log_every = log_interval if bar.disable and info.is_main else 0
     started = time.perf_counter()
-    for start in range(0, len(indices), batch_size):
+    for step, start in enumerate(range(0, len(indices), batch_size), start=1):
         batch = indices[start : start + batch_size]
         x, y = images[batch], labels[batch]  # [B, 1, 28, 28], [B]
         loss, logits = train_step(model, optimizer, x, y)
@@ -250,6 +263,9 @@ def train_epoch(
         loss_sum += loss.double() * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
         bar.update()
+        if log_every and step % log_every == 0:
+            seen = min(start + batch_size, len(indices))
+            log.info("epoch %d  step %d/%d  loss %.4f", epoch, step, steps, loss_sum.item() / seen)
         if board is not None and global_step % BATCH_LOG_EVERY == 0:
             board.write_batch(global_step, loss.item(), scheduler.get_last_lr()[0])
     bar.close()
@@ -382,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--momentum {args.momentum}: expected a value in [0, 1)")
     if args.optimizer == "adam" and args.momentum != parser.get_default("momentum"):
         parser.error("--momentum applies to --optimizer sgd only")
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    lr = args.lr if args.lr is not None else recipe.DEFAULT_LR[args.optimizer]
     info = DistInfo.from_env()
 
     existing = _existing_export(args.output_dir, args.version)
@@ -447,7 +463,8 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
     steps_per_epoch = math.ceil(len(sampler) / args.batch_size)
     # One-cycle: a short warm-up to the peak LR, then cosine annealing to ~0; stepped per batch.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
+        optimizer, max_lr=lr, total_steps=args.epochs * steps_per_epoch, pct_start=recipe.ONE_CYCLE_WARMUP,
+        div_factor=recipe.ONE_CYCLE_DIV, final_div_factor=recipe.ONE_CYCLE_FINAL_DIV,
     )
 
     hyperparameters = {
@@ -456,7 +473,7 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
         "global_batch_size": args.batch_size * info.world_size,
         "optimizer": args.optimizer,
         "lr": lr,
-        "lr_schedule": "one-cycle (15% warm-up, cosine decay), per step",
+        "lr_schedule": recipe.LR_SCHEDULE,
         "momentum": args.momentum if args.optimizer == "sgd" else None,
         "seed": args.seed,
         "quick": args.quick,
@@ -480,7 +497,8 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
         sampler.set_epoch(epoch)
         lr_at_start = scheduler.get_last_lr()[0]
         stats, global_step = train_epoch(
-            model, train_x, train_y, sampler, optimizer, scheduler, args.batch_size, info, board, global_step, epoch
+            model, train_x, train_y, sampler, optimizer, scheduler, args.batch_size, info, board, global_step, epoch,
+            args.log_interval,
         )
         train_seconds += stats.seconds
         test_loss, test_accuracy = evaluate(net, test_x, test_y, info)

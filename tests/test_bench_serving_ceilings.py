@@ -1,0 +1,50 @@
+"""The serving benchmarks' model-only ceilings, and bench.grpc_standin end to end on the fixture model.
+
+Short runs: these check that the benchmark measures and reports what it says, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import grpc_standin, rest_server
+
+
+def test_rest_ceiling_is_the_cores_over_model_and_load_generator_cost() -> None:
+    # 0.8 ms of model + 0.2 ms of wrk per request on 2 cores: at most 2,000 requests/s.
+    assert rest_server.model_ceiling_rps(2, 0.8, {"wrk_cpu_us_per_request": 200.0}) == 2000.0
+    # A cheaper load generator raises the bound; more cores raise it in proportion.
+    assert rest_server.model_ceiling_rps(4, 0.8, {"wrk_cpu_us_per_request": 200.0}) == 4000.0
+    assert rest_server.model_ceiling_rps(2, 0.8, {"wrk_cpu_us_per_request": 0.0}) == 2500.0
+
+
+def test_grpc_ceiling_is_the_cores_over_model_and_client_cost() -> None:
+    assert grpc_standin.model_ceiling_calls_per_second(2, 0.75, 250.0) == 2000.0
+    assert grpc_standin.model_ceiling_calls_per_second(1, 0.5, 500.0) == 1000.0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_grpc_standin_bench_reports_floors_configurations_and_ceiling(model_repo: Path, tmp_path: Path) -> None:
+    result = grpc_standin.main([
+        "--models-dir", str(model_repo), "--output-dir", str(tmp_path), "--duration", "0.5",
+        "--concurrency", "1", "16", "--client-processes", "1", "--no-batching-sweep",
+    ])  # fmt: skip
+    assert json.loads((tmp_path / "grpc_standin.json").read_text()) == result
+
+    floor = result["in_process"]
+    assert floor["batch_1_median_ms"] > 0 and floor["batch_1_one_thread_median_ms"] > 0
+    assert set(result["configurations"]) == {"batching_off", "default_pools"}
+    assert result["configurations"]["default_pools"]["command"].count("--tensorflow_intra_op_parallelism") == 0
+    for label, config in result["configurations"].items():
+        for measured in (*config["single_image"].values(), config["batch_256"]):
+            assert measured["errors"] == 0 and measured["calls"] > 0, label
+            assert measured["client_cpu_us_per_call"] > 0
+        c16 = config["single_image"]["16"]
+        ceiling = result["targets"][label]["calls_per_second_at_concurrency_16_model_ceiling"]
+        expected = grpc_standin.model_ceiling_calls_per_second(
+            result["cpus"], floor["batch_1_one_thread_median_ms"], c16["client_cpu_us_per_call"]
+        )
+        assert ceiling == expected
