@@ -12,7 +12,7 @@ BENCH_DIR ?= bench/results
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup train train-torch train-tf test bench demo serve protos clean tensorboard compose-test
+.PHONY: setup train train-torch train-tf test pytest bench demo serve protos clean tensorboard compose-test
 
 setup: $(STAMP)
 
@@ -35,7 +35,13 @@ train-tf: setup
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(LOG_DIR)
 
+# The whole suite: pytest, then the real compose stack (compose-test below; it skips, saying why,
+# where no Docker engine can be had). `make pytest` runs the first part alone.
 test: setup
+	$(PY) -m pytest
+	$(PY) docker/local/compose_test.py
+
+pytest: setup
 	$(PY) -m pytest
 
 bench: setup
