@@ -279,6 +279,9 @@ def test_healthcheck_is_healthy_once_a_version_serves(model_repo: Path, tmp_path
     for base_path, healthy in ((empty, False), (model_repo / "tf" / "mnist", True)):
         options = ServerOptions(port=0, standin_host="127.0.0.1", model_name="mnist", model_base_path=str(base_path))
         with ModelServer(options) as server:
+            if healthy:
+                # Versions load in the background; while one is LOADING the check rightly says unhealthy.
+                server.wait_until_available(timeout=120)
             result = run_healthcheck(server.port)
         assert (result.returncode == 0) is healthy, result.stdout + result.stderr
         assert ("healthy: model mnist version(s) [1]" in result.stdout) is healthy

@@ -16,7 +16,7 @@ import tensorflow as tf
 from conftest import free_port
 from mnist_client import contract
 from serving.model_repository import list_versions, model_base_path
-from training import train_tf
+from training import recipe, train_tf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKERS_TIMEOUT_S = 300
@@ -102,7 +102,7 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--epochs", "--batch-size", "--lr", "--optimizer", "--seed", "--device", "--data-dir",
                  "--output-dir", "--log-dir", "--version", "--quick", "--skip-if-exists"):  # fmt: skip
         assert flag in out
-    assert "(default: 4)" in out and "(default: 128)" in out and "(default: adam)" in out
+    assert f"(default: {recipe.DEFAULT_EPOCHS})" in out and "(default: 128)" in out and "(default: adam)" in out
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import torch
 
 from mnist_client import contract
 from serving.model_repository import list_versions
-from training import mnist_data, train_torch
+from training import mnist_data, recipe, train_torch
 from training.model_torch import predict_numpy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert excinfo.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for expected in (
-        "--epochs EPOCHS passes over the training set (default: 4)",
+        f"--epochs EPOCHS passes over the training set (default: {recipe.DEFAULT_EPOCHS})",
         "(default: 128)",
         "(default: adam)",
         "(default: 0.003 for adam, 0.05 for sgd)",

@@ -31,6 +31,7 @@ import tensorflow as tf
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
 from training import mnist_data, recipe
+from training.cli_help import DefaultsHelpFormatter
 from training.model_tf import build_model, export_saved_model, normalize
 
 log = logging.getLogger("train_tf")
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m training.train_tf",
         description="Train the MNIST CNN with TensorFlow/Keras and export a SavedModel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--epochs", type=_positive_int, default=recipe.DEFAULT_EPOCHS, help="passes over the training set"

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from mnist_client import contract
 from serving.model_repository import list_versions, model_base_path
 from training import mnist_data, recipe
+from training.cli_help import DefaultsHelpFormatter
 from training.model_torch import Net, export_torchscript, select_device
 
 log = logging.getLogger("train_torch")
@@ -52,15 +53,6 @@ QUICK_EPOCHS = 1
 SAMPLE_IMAGES = 16  # test images shown with their predictions in TensorBoard
 BATCH_LOG_EVERY = 50  # steps between per-batch TensorBoard scalars
 EVAL_BATCH_SIZE = 1000
-
-
-class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except for on/off flags and ``None`` ones whose help text explains the default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def positive_int(text: str) -> int:
@@ -99,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train_torch",
         description="Train the MNIST CNN in PyTorch and export it as TorchScript.",
-        formatter_class=_DefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--epochs", type=positive_int, default=recipe.DEFAULT_EPOCHS, help="passes over the training set"
