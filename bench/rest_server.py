@@ -180,12 +180,22 @@ def check_predictions(url: str, images: np.ndarray, expected_classes: np.ndarray
 # -- wrk --------------------------------------------------------------------------------------------
 
 
-def run_wrk(server: Server, prefix: Path, count: int, content_type: str, concurrency: int, duration_s: float) -> dict:
+def run_wrk(
+    server: Server,
+    prefix: Path | None,
+    count: int,
+    content_type: str,
+    concurrency: int,
+    duration_s: float,
+    path: str = PREDICT_PATH,
+) -> dict:
     """One wrk run (one thread: it leaves the cores to the server): requests/s, latency in ms, and the
-    CPU time per request of the server and of wrk (robust to other load on a shared machine)."""
+    CPU time per request of the server and of wrk (robust to other load on a shared machine).
+
+    ``content_type="GET"`` (with ``prefix=None``, ``count=0``) sends bodiless GETs to ``path``."""
     command = [
         "wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--timeout", "10s", "-s", str(WRK_SCRIPT),
-        f"{server.url}{PREDICT_PATH}", "--", str(prefix), str(count), content_type,
+        f"{server.url}{path}", "--", str(prefix or "-"), str(count), content_type,
     ]  # fmt: skip
     server_cpu = server.cpu_seconds()
     wrk_cpu = _children_cpu_seconds()
@@ -293,6 +303,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 single_runs[str(concurrency)] = run
                 log.info("single JSON c=%d: %s", concurrency, run)
             result["single_image_json"] = single_runs
+            # The HTTP round trip without the model: the server's cheapest endpoint at concurrency 1.
+            # With the forward pass it bounds the predict p50 from below.
+            healthz = run_wrk(server, None, 0, "GET", 1, args.duration, path="/healthz")
+            healthz["p50_plus_model_ms"] = round(healthz["p50_ms"] + floor_b1_ms, 3)
+            result["healthz_c1"] = healthz
+            log.info("GET /healthz c=1: %s", healthz)
 
             batch_runs: dict[str, Any] = {}
             for label, prefix, content_type in (
@@ -317,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["targets"] = {
         **TARGETS,
         "rps_c16_model_ceiling": model_ceiling_rps(result["machine"]["cpus"], floor_b1_ms, c16),
+        "p50_c1_floor_ms": result["healthz_c1"]["p50_plus_model_ms"],
         "rps_c16": c16["requests_per_second"],
         "p50_c1_ms": c1["p50_ms"],
         "npy_batch_ratio": result["batch_256"]["npy_c1"]["vs_floor"],
@@ -460,8 +477,12 @@ def format_table(result: dict[str, Any]) -> str:
     t = result["targets"]
     single = result["single_image_json"]
     c16 = single["16"]
+    healthz = result["healthz_c1"]
     lines += [
         "",
+        f"GET /healthz c1 (no model): p50 {healthz['p50_ms']:.3f} ms, {healthz['requests_per_second']:,.0f} req/s, "
+        f"server CPU {healthz['server_cpu_us_per_request']:,.0f} us/req; p50 + model batch-1 = "
+        f"{healthz['p50_plus_model_ms']:.3f} ms (the least a predict p50 at c1 can be here)",
         f"model-only ceiling at c16: {t['rps_c16_model_ceiling']:,.0f} req/s ({result['machine']['cpus']} CPUs / "
         f"(model batch-1 {b1:.3f} ms + wrk {c16['wrk_cpu_us_per_request'] / 1000:.3f} ms per request)); "
         "server CPU beyond the model per request: "

@@ -1,6 +1,7 @@
 -- wrk script for bench/rest_server.py: POST prepared request bodies round-robin.
 --
 --   wrk -s bench/rest_wrk.lua URL -- <body-prefix> <count> <content-type>
+--   wrk -s bench/rest_wrk.lua URL -- - 0 GET        (GET the URL, no body)
 --
 -- Bodies are read from files <body-prefix>.0 .. <body-prefix>.<count-1> (real
 -- MNIST test images, written by the bench). At the end one line
@@ -14,6 +15,9 @@ local counter = 0
 function init(args)
   local prefix, count = args[1], tonumber(args[2])
   content_type = args[3] or content_type
+  if content_type == "GET" then
+    return
+  end
   if prefix == nil or count == nil or count < 1 then
     error("usage: wrk -s rest_wrk.lua URL -- <body-prefix> <count> <content-type>")
   end
@@ -28,6 +32,9 @@ function init(args)
 end
 
 function request()
+  if content_type == "GET" then
+    return wrk.format("GET")
+  end
   counter = counter + 1
   local body = bodies[(counter % #bodies) + 1]
   return wrk.format("POST", nil, { ["Content-Type"] = content_type }, body)

@@ -23,7 +23,7 @@ Every instance carries:
 (connection refused, DNS failure, no connected backend); only those are safe to retry for a predict.
 
 Transport exceptions are translated in exactly one place per transport: ``rest._translate_transport_error``
-/ ``rest._error_from_response`` for urllib3 and HTTP statuses, ``grpc_client._translate_rpc_error`` for
+/ ``rest.error_from_response`` for urllib3 and HTTP statuses, ``grpc_client.translate_rpc_error`` for
 ``grpc.RpcError``.
 """
 

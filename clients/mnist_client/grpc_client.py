@@ -7,7 +7,7 @@ package ``mnist_client.tfs``), sent on TF Serving's method paths
 
 One channel is opened per client and reused by every call (it is thread-safe; do not share it across
 ``fork``). Every call has a deadline. ``grpc.RpcError`` is translated into :mod:`mnist_client.errors` in
-:func:`_translate_rpc_error` only.
+:func:`translate_rpc_error` only.
 
 Load balancing: gRPC's default ``pick_first`` sends every call of a channel to one server. With
 ``load_balancing="round_robin"`` the channel connects to every address the target resolves to and spreads
@@ -22,7 +22,6 @@ import ipaddress
 import json
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -30,7 +29,8 @@ from typing import Any, Final, Literal
 import grpc
 
 from mnist_client import contract
-from mnist_client._checks import check_model, positive_int, positive_seconds, wait_until_ready
+from mnist_client._checks import check_model, positive_int
+from mnist_client._client_base import ClientBase
 from mnist_client.errors import (
     ClientConfigError,
     DeadlineExceededError,
@@ -85,7 +85,7 @@ class PreparedPredict:
     batch_size: int
 
 
-class GrpcClient:
+class GrpcClient(ClientBase):
     """Client for the MNIST model over TF Serving's gRPC API.
 
     Args:
@@ -128,7 +128,7 @@ class GrpcClient:
         retry: RetryPolicy | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._timeout = positive_seconds("timeout", timeout)
+        super().__init__(timeout)
         check_model(model_name, model_version)
         if not isinstance(signature_name, str) or not signature_name:
             raise ClientConfigError(f"signature_name is {signature_name!r}; expected a non-empty string")
@@ -156,8 +156,6 @@ class GrpcClient:
         self._health_service = health_service
         self._use_tensor_content = bool(use_tensor_content)
         self._retry = retry or RetryPolicy()
-        self._closed = False
-        self._lock = threading.Lock()
 
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_send_message_bytes),
@@ -232,7 +230,7 @@ class GrpcClient:
             retryable=is_retryable_predict,
             description=f"Predict at {self.target}",
         )
-        return _parse_prediction(response, prepared.batch_size)
+        return parse_prediction(response, prepared.batch_size)
 
     # -- model information -----------------------------------------------------------------------
 
@@ -267,33 +265,15 @@ class GrpcClient:
             return False
         return any(status.available for status in _parse_model_status(response))
 
-    def wait_until_ready(self, timeout: float = 60.0, *, poll_interval: float = 0.1) -> None:
-        """Block until :meth:`ready` is true; raise :class:`DeadlineExceededError` after ``timeout`` s."""
-        wait_until_ready(self.ready, repr(self), timeout, poll_interval, self._timeout)
+    # -- lifecycle (close, with, wait_until_ready: ClientBase) ---------------------------------------
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the channel (in-flight calls are cancelled). Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._channel.close()
-
-    def __enter__(self) -> GrpcClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _release(self) -> None:
+        self._channel.close()  # in-flight calls are cancelled
 
     def __repr__(self) -> str:
         return f"GrpcClient({self.target!r}, model={self.model_name!r})"
 
     # -- internals ---------------------------------------------------------------------------------
-
-    def _call_timeout(self, timeout: float | None) -> float:
-        return self._timeout if timeout is None else positive_seconds("timeout", timeout)
 
     def _status_request(self) -> get_model_status_pb2.GetModelStatusRequest:
         spec = model_pb2.ModelSpec(name=self.model_name)
@@ -316,7 +296,7 @@ class GrpcClient:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as error:
-            raise _translate_rpc_error(error, f"{name} at {self.target}", timeout) from None
+            raise translate_rpc_error(error, f"{name} at {self.target}", timeout) from None
         except ValueError as error:  # grpc raises ValueError when the channel was closed meanwhile
             if self._closed:
                 raise ClientConfigError(f"{self!r} is closed; expected a call before close()") from error
@@ -326,7 +306,11 @@ class GrpcClient:
 # -- the one place where grpc.RpcError becomes a client error ------------------------------------------
 
 
-def _translate_rpc_error(error: grpc.RpcError, what: str, timeout: float) -> MnistClientError:
+def translate_rpc_error(error: grpc.RpcError, what: str, timeout: float) -> MnistClientError:
+    """The client error for a failed RPC (its status code and details); ``timeout`` is the deadline used.
+
+    Public so that other callers of the same API (the load tester) report errors alike.
+    """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or ""
     code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -342,7 +326,8 @@ def _translate_rpc_error(error: grpc.RpcError, what: str, timeout: float) -> Mni
 # -- decoding ----------------------------------------------------------------------------------------
 
 
-def _parse_prediction(response: predict_pb2.PredictResponse, batch_size: int) -> Prediction:
+def parse_prediction(response: predict_pb2.PredictResponse, batch_size: int) -> Prediction:
+    """A PredictResponse -> :class:`Prediction`, checking the contract's outputs; ProtocolError if not."""
     outputs = response.outputs
     missing = [name for name in contract.OUTPUT_NAMES if name not in outputs]
     if missing:

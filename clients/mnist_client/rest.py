@@ -8,7 +8,7 @@ status (TF Serving).
 
 Connections are pooled and kept alive (urllib3), every call has a timeout, and all transport errors are
 translated into :mod:`mnist_client.errors` in :func:`_translate_transport_error` and
-:func:`_error_from_response`. A client is thread-safe; share one per process.
+:func:`error_from_response`. A client is thread-safe; share one per process.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import threading
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,7 +26,8 @@ import urllib3
 import urllib3.exceptions
 
 from mnist_client import contract
-from mnist_client._checks import check_model, positive_int, positive_seconds, wait_until_ready
+from mnist_client._checks import check_model, positive_int, positive_seconds
+from mnist_client._client_base import ClientBase
 from mnist_client.errors import (
     ClientConfigError,
     DeadlineExceededError,
@@ -62,7 +62,7 @@ class PreparedPredict:
     batch_size: int
 
 
-class RestClient:
+class RestClient(ClientBase):
     """Client for the MNIST model over TensorFlow Serving's REST API.
 
     Args:
@@ -100,7 +100,7 @@ class RestClient:
         retry: RetryPolicy | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        self._timeout = positive_seconds("timeout", timeout)
+        super().__init__(timeout)
         connect = (
             min(self._timeout, 5.0) if connect_timeout is None else positive_seconds("connect_timeout", connect_timeout)
         )
@@ -125,8 +125,6 @@ class RestClient:
         )
         self._prefix = prefix
         self._has_readyz: bool | None = None  # learnt on first use: PyTorch server (True) or TF Serving
-        self._lock = threading.Lock()
-        self._closed = False
 
         default_headers = {"Accept": JSON_CONTENT_TYPE, "User-Agent": "mnist-serving-client"}
         default_headers.update(headers or {})
@@ -189,7 +187,7 @@ class RestClient:
 
         def attempt(remaining: float) -> Prediction:
             _, response_headers, data = self._request("POST", prepared.path, remaining, prepared.body, headers)
-            return _parse_prediction(data, prepared.batch_size, response_headers)
+            return parse_prediction(data, prepared.batch_size, response_headers)
 
         return call_with_retries(
             attempt,
@@ -222,31 +220,15 @@ class RestClient:
             logger.debug("%s not ready: %s", self.base_url, error)
             return False
 
-    def wait_until_ready(self, timeout: float = 60.0, *, poll_interval: float = 0.1) -> None:
-        """Block until :meth:`ready` is true; raise :class:`DeadlineExceededError` after ``timeout`` s."""
-        wait_until_ready(self.ready, repr(self), timeout, poll_interval, self._timeout)
+    # -- lifecycle (close, with, wait_until_ready: ClientBase) ---------------------------------------
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the pooled connections. Idempotent."""
-        with self._lock:
-            self._closed = True
+    def _release(self) -> None:
         self._pool.close()
-
-    def __enter__(self) -> RestClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RestClient({self.base_url!r}, model={self.model_name!r}, binary={self._binary!r})"
 
     # -- internals ---------------------------------------------------------------------------------
-
-    def _call_timeout(self, timeout: float | None) -> float:
-        return self._timeout if timeout is None else positive_seconds("timeout", timeout)
 
     def _ready_once(self, timeout: float) -> bool:
         if self._has_readyz is not False:
@@ -315,7 +297,7 @@ class RestClient:
         status = response.status
         if 200 <= status < 300 or status in ok_statuses:
             return status, response.headers, response.data
-        raise _error_from_response(status, response.data, f"{method} {self.base_url}{path}")
+        raise error_from_response(status, response.data, f"{method} {self.base_url}{path}")
 
 
 # -- the one place where urllib3 exceptions and HTTP statuses become client errors -------------------
@@ -335,7 +317,12 @@ def _translate_transport_error(error: urllib3.exceptions.HTTPError, what: str, t
     return UnavailableError(f"{what}: {type(error).__name__}: {_reason(error)}", request_sent=True)
 
 
-def _error_from_response(status: int, data: bytes, what: str) -> MnistClientError:
+def error_from_response(status: int, data: bytes, what: str) -> MnistClientError:
+    """The client error for an HTTP error answer: status and the server's ``{"error": ...}`` message.
+
+    ``what`` names the call in the message (``"POST http://host:8080/v1/models/mnist:predict"``).
+    Public so that other callers of the same API (the load tester) report errors alike.
+    """
     server_message = _server_message(data)
     code = code_for_http_status(status)
     message = f"{what}: HTTP {status} {code}: {server_message}"
@@ -384,7 +371,11 @@ def _decode_json(data: bytes, what: str) -> Any:
         raise ProtocolError(f"{what}: the server answered with invalid JSON ({error}): {data[:200]!r}") from error
 
 
-def _parse_prediction(data: bytes, batch_size: int, headers: Any) -> Prediction:
+def parse_prediction(data: bytes, batch_size: int, headers: Any) -> Prediction:
+    """A predict answer body (row or column form) -> :class:`Prediction`; ProtocolError if malformed.
+
+    ``headers`` (or None) supply the model version when the server sends one.
+    """
     decoded = _decode_json(data, "predict")
     if not isinstance(decoded, dict):
         raise ProtocolError(f"predict answer is a JSON {type(decoded).__name__}; expected an object")

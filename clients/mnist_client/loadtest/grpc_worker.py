@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from mnist_client.errors import MnistClientError
-from mnist_client.grpc_client import DEFAULT_MAX_MESSAGE_BYTES, PREDICT_METHOD, _parse_prediction, _translate_rpc_error
+from mnist_client.grpc_client import DEFAULT_MAX_MESSAGE_BYTES, PREDICT_METHOD, parse_prediction, translate_rpc_error
 from mnist_client.loadtest.pacer import Pacer
 from mnist_client.loadtest.records import RecordSink
 from mnist_client.protos import predict_pb2
@@ -208,7 +208,7 @@ class GrpcEngine:
         if error is None:
             try:
                 response = predict_pb2.PredictResponse.FromString(answer)
-                prediction = _parse_prediction(response, self._batch_sizes[payload])
+                prediction = parse_prediction(response, self._batch_sizes[payload])
             except MnistClientError as exc:
                 return "error", (exc.kind, exc.code, str(exc))
             except Exception as exc:  # undecodable bytes: protobuf's DecodeError
@@ -217,7 +217,7 @@ class GrpcEngine:
         if isinstance(error, grpc.FutureCancelledError):
             return "error", ("unavailable", "CANCELLED", f"{self._what}: call cancelled (channel closed)")
         if isinstance(error, grpc.RpcError):
-            translated = _translate_rpc_error(error, self._what, self._timeout_s)
+            translated = translate_rpc_error(error, self._what, self._timeout_s)
         else:
             translated = MnistClientError(f"{self._what}: {type(error).__name__}: {error}")
         return "error", (translated.kind, translated.code, str(translated))

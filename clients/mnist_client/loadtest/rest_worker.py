@@ -29,7 +29,7 @@ from mnist_client.contract import CLASSES_NAME, NUM_CLASSES
 from mnist_client.errors import DeadlineExceededError, MnistClientError, ProtocolError, UnavailableError
 from mnist_client.loadtest.pacer import Pacer
 from mnist_client.loadtest.records import RecordSink
-from mnist_client.rest import _error_from_response, _parse_prediction
+from mnist_client.rest import error_from_response, parse_prediction
 
 _IN = select.POLLIN
 _OUT = select.POLLOUT
@@ -400,7 +400,7 @@ class HttpEngine:
                 return True
             self._sink.ok(conn.payload, latency_us, classes)
         else:
-            self._sink.error(*_kind_code_message(_error_from_response(status, body, self._what)))
+            self._sink.error(*_kind_code_message(error_from_response(status, body, self._what)))
         return True
 
     def _broken(self, poller: _Poller, conn: _Conn, exc: OSError | None) -> bool:
@@ -482,7 +482,7 @@ def _classes(body: bytes, batch_size: int) -> bytes:
                 return classes
     except (ValueError, KeyError, TypeError, IndexError):
         pass
-    return _parse_prediction(body, batch_size, None).classes.astype(np.uint8).tobytes()
+    return parse_prediction(body, batch_size, None).classes.astype(np.uint8).tobytes()
 
 
 def _kind_code_message(error: MnistClientError) -> tuple[str, str, str]:
