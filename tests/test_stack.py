@@ -130,6 +130,32 @@ def test_demo_training_failure_names_each_failed_framework(tmp_path):
     assert latest_version(config.torch_base_path) is None and latest_version(config.tf_base_path) is None
 
 
+def test_sigterm_during_demo_training_stops_both_trainers(tmp_path):
+    import psutil
+
+    config = _config(tmp_path / "models", tmp_path)
+    cmd = [sys.executable, "-m", "stack.demo", "--train-args", f"--log-dir {tmp_path / 'runs'}"]
+    proc = subprocess.Popen(cmd, env=_env(config), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        trainers: list[psutil.Process] = []
+        deadline = time.monotonic() + 120
+        while len(trainers) < 2:  # both trainers started (full training: they would run for minutes)
+            assert proc.poll() is None and time.monotonic() < deadline, "the demo did not start both trainers"
+            trainers = psutil.Process(proc.pid).children()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted" in output
+    gone, alive = psutil.wait_procs(trainers, timeout=10)
+    assert not alive, f"trainers left running: {alive}"
+    assert latest_version(config.torch_base_path) is None and latest_version(config.tf_base_path) is None
+
+
 def test_serve_runs_until_sigterm(model_repo, tmp_path):
     config = _config(model_repo, tmp_path)
     proc = subprocess.Popen(
