@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.inprocess import model_only_ceiling
 from bench.results import write_result
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
@@ -178,14 +179,6 @@ def floor_one_thread(base_path: str, calls: int = 1000) -> float:
         servable.run(signature, [singles[i % len(singles)]], fetch)
         times.append(time.perf_counter_ns() - started)
     return round(float(np.median(times)) / 1e6, 4)
-
-
-def model_ceiling_calls_per_second(cpus: int, model_ms: float, client_cpu_us_per_call: float) -> float:
-    """Calls/s if each call cost only the model's batch-1 run and the client's own CPU, on every core.
-
-    No server, however thin, passes this bound on this machine with this model.
-    """
-    return round(cpus * 1000 / (model_ms + client_cpu_us_per_call / 1000), 1)
 
 
 def _warm(target: str, batch: int) -> bool:
@@ -329,7 +322,7 @@ def evaluate(config: dict[str, Any], floor_images_per_second: float, floor_one_t
     }
     ceiling = None
     if "16" in single and single["16"]["client_cpu_us_per_call"]:
-        ceiling = model_ceiling_calls_per_second(cpus, floor_one_thread_ms, single["16"]["client_cpu_us_per_call"])
+        ceiling = model_only_ceiling(cpus, floor_one_thread_ms, single["16"]["client_cpu_us_per_call"])
     return {"figures": figures, "met": met, "calls_per_second_at_concurrency_16_model_ceiling": ceiling}
 
 

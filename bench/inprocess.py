@@ -157,6 +157,15 @@ def throughput(predict: Predict, images: np.ndarray, batch: int, calls: int) -> 
     return {"images_per_second": round(done * batch / seconds, 1), "calls": done, "seconds": round(seconds, 3)}
 
 
+def model_only_ceiling(cpus: int, model_ms: float, caller_cpu_us: float) -> float:
+    """Calls/s if each call cost only the model's batch-1 run and the caller's own CPU, on every core.
+
+    The serving benchmarks' upper bound: no server, however thin, passes it on this machine with this
+    model, so a target above it is out of reach here whatever the serving code does.
+    """
+    return round(cpus * 1000 / (model_ms + caller_cpu_us / 1000), 1)
+
+
 def accuracy(predict: Predict, images: np.ndarray, labels: np.ndarray) -> float:
     _, classes = predict(np.ascontiguousarray(images[:ACCURACY_EXAMPLES]))
     return round(float(np.mean(classes == labels[:ACCURACY_EXAMPLES])), 4)

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.inprocess import DEFAULT_CALLS, measure_torch, mnist_test_images, throughput
+from bench.inprocess import DEFAULT_CALLS, measure_torch, mnist_test_images, model_only_ceiling, throughput
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
 
@@ -332,7 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run["server_cpu_beyond_model_us"] = round(run["server_cpu_us_per_request"] - floor_b1_ms * 1000, 1)
     result["targets"] = {
         **TARGETS,
-        "rps_c16_model_ceiling": model_ceiling_rps(result["machine"]["cpus"], floor_b1_ms, c16),
+        "rps_c16_model_ceiling": model_only_ceiling(
+            result["machine"]["cpus"], floor_b1_ms, c16["wrk_cpu_us_per_request"]
+        ),
         "p50_c1_floor_ms": result["healthz_c1"]["p50_plus_model_ms"],
         "rps_c16": c16["requests_per_second"],
         "p50_c1_ms": c1["p50_ms"],
@@ -351,16 +353,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 OPTIMISED_COPY_BATCHES = (1, 2, 4, 8, 64, 256)
-
-
-def model_ceiling_rps(cpus: int, model_ms: float, run: dict[str, Any]) -> float:
-    """Requests/s if each request cost only the model's batch-1 call and wrk's own CPU, on every core.
-
-    An upper bound that no server (of any overhead) can pass on this machine with this model: when it
-    lies below a target, the target is out of reach here, whatever the serving code does.
-    """
-    per_request_ms = model_ms + run["wrk_cpu_us_per_request"] / 1000
-    return round(cpus * 1000 / per_request_ms, 1)
 
 
 def server_model_throughput(version_dir: Path, images: np.ndarray) -> dict[str, Any]:

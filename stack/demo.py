@@ -102,16 +102,17 @@ def train_missing(config: StackConfig, extra: list[str]) -> None:
             missing.append((framework, module))
     if not missing:
         return
-    threads = _usable_cpus() // len(missing) if len(missing) > 1 else 0
+    threads = None  # alone: the trainer's own default
     if len(missing) > 1:
-        log.info("training both at once, %d CPU thread(s) each", max(threads, 1))
+        threads = max(1, _usable_cpus() // len(missing))
+        log.info("training both at once, %d CPU thread(s) each", threads)
     running: list[tuple[str, subprocess.Popen[bytes], threading.Thread]] = []
     try:
         for framework, module in missing:
             cmd = [
                 sys.executable, "-m", module, "--output-dir", str(config.models_dir),
                 "--log-dir", str(REPO_ROOT / "runs"),
-                *(["--num-threads", str(max(threads, 1))] if threads or len(missing) > 1 else []),
+                *(["--num-threads", str(threads)] if threads else []),
                 *extra,  # last, so the caller's flags win
             ]  # fmt: skip
             process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -10,20 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from bench import grpc_standin, rest_server
+from bench import grpc_standin
+from bench.inprocess import model_only_ceiling
 
 
-def test_rest_ceiling_is_the_cores_over_model_and_load_generator_cost() -> None:
+def test_ceiling_is_the_cores_over_model_and_caller_cost() -> None:
     # 0.8 ms of model + 0.2 ms of wrk per request on 2 cores: at most 2,000 requests/s.
-    assert rest_server.model_ceiling_rps(2, 0.8, {"wrk_cpu_us_per_request": 200.0}) == 2000.0
+    assert model_only_ceiling(2, 0.8, 200.0) == 2000.0
     # A cheaper load generator raises the bound; more cores raise it in proportion.
-    assert rest_server.model_ceiling_rps(4, 0.8, {"wrk_cpu_us_per_request": 200.0}) == 4000.0
-    assert rest_server.model_ceiling_rps(2, 0.8, {"wrk_cpu_us_per_request": 0.0}) == 2500.0
-
-
-def test_grpc_ceiling_is_the_cores_over_model_and_client_cost() -> None:
-    assert grpc_standin.model_ceiling_calls_per_second(2, 0.75, 250.0) == 2000.0
-    assert grpc_standin.model_ceiling_calls_per_second(1, 0.5, 500.0) == 1000.0
+    assert model_only_ceiling(4, 0.8, 200.0) == 4000.0
+    assert model_only_ceiling(2, 0.8, 0.0) == 2500.0
+    assert model_only_ceiling(2, 0.75, 250.0) == 2000.0
+    assert model_only_ceiling(1, 0.5, 500.0) == 1000.0
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -44,7 +42,7 @@ def test_grpc_standin_bench_reports_floors_configurations_and_ceiling(model_repo
             assert measured["client_cpu_us_per_call"] > 0
         c16 = config["single_image"]["16"]
         ceiling = result["targets"][label]["calls_per_second_at_concurrency_16_model_ceiling"]
-        expected = grpc_standin.model_ceiling_calls_per_second(
+        expected = model_only_ceiling(
             result["cpus"], floor["batch_1_one_thread_median_ms"], c16["client_cpu_us_per_call"]
         )
         assert ceiling == expected

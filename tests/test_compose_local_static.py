@@ -258,8 +258,11 @@ def test_standin_accepts_those_flags_with_the_files_its_image_holds() -> None:
         parse_flags([*given, f"--rest_api_port={contract.TFS_REST_PORT}"])
 
 
-def run_healthcheck(port: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TFS_GRPC_PORT=str(port), TFS_MODEL_NAME=contract.MODEL_NAME, TFS_HEALTHCHECK_TIMEOUT_S="3")
+def run_healthcheck(port: int | None) -> subprocess.CompletedProcess:
+    """The stand-in image's healthcheck script against ``port`` (None: TFS_GRPC_PORT left unset)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TFS_")}
+    if port is not None:
+        env.update(TFS_GRPC_PORT=str(port), TFS_MODEL_NAME=contract.MODEL_NAME, TFS_HEALTHCHECK_TIMEOUT_S="3")
     return subprocess.run(
         [sys.executable, str(LOCAL_DIR / "tfs-standin-healthcheck.py")],
         env=env,
@@ -296,15 +299,7 @@ def test_healthcheck_is_unhealthy_when_nothing_listens() -> None:
 
 
 def test_healthcheck_explains_a_missing_port() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TFS_")}
-    result = subprocess.run(
-        [sys.executable, str(LOCAL_DIR / "tfs-standin-healthcheck.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_healthcheck(None)
     assert result.returncode == 1
     assert "TFS_GRPC_PORT is ''" in result.stderr
 
