@@ -194,7 +194,7 @@ def run_wrk(
 
     ``content_type="GET"`` (with ``prefix=None``, ``count=0``) sends bodiless GETs to ``path``."""
     command = [
-        "wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--timeout", "10s", "-s", str(WRK_SCRIPT),
+        "wrk", "-t1", f"-c{concurrency}", f"-d{int(duration_s)}s", "--timeout", "10s", "-s", str(WRK_SCRIPT),
         f"{server.url}{path}", "--", str(prefix or "-"), str(count), content_type,
     ]  # fmt: skip
     server_cpu = server.cpu_seconds()
@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install -y wrk)")
-    if args.duration <= 0:
-        raise ValueError(f"--duration {args.duration}: expected a positive number of seconds")
+    if args.duration <= 0 or args.duration != int(args.duration):
+        # wrk's -d takes whole seconds: a fraction would end in wrk's usage text, not a figure.
+        raise ValueError(f"--duration {args.duration:g}: expected a whole number of seconds >= 1 (wrk's -d)")
     base = model_base_path(args.models_dir, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
     version = latest_version(base)
     if version is None:
