@@ -27,6 +27,17 @@ import numpy as np
 from mnist_client import contract
 
 
+# numpy.load parses the header with ast.literal_eval, which threads must not run at once on CPython < 3.11.8
+# (gh-106905; see serving/torch_server/codecs.py); these servers answer each request in its own thread.
+_NPY_LOAD_LOCK = threading.Lock()
+
+
+def load_npy(body: bytes) -> np.ndarray:
+    """A ``.npy`` request body as an array, safe to call from many handler threads."""
+    with _NPY_LOAD_LOCK:
+        return np.load(io.BytesIO(body), allow_pickle=False)
+
+
 def fake_model(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities float32 [N, 10], classes int64 [N]) from float images [N, 28, 28]."""
     # Per-class score: mean brightness of one of 10 row bands, so different images give different classes.
@@ -198,7 +209,7 @@ class _RestHandler(BaseHTTPRequestHandler):
         if match.group(1) is not None and int(match.group(1)) != behaviour.model_version:
             return self._error(404, f"Servable not found for request: Specific(mnist, {match.group(1)})")
         if content_type == "application/x-npy" and not behaviour.tf_serving_rest:
-            array = np.load(io.BytesIO(body), allow_pickle=False)
+            array = load_npy(body)
             images = array.astype(np.float32) / np.float32(255) if array.dtype == np.uint8 else array
         else:
             try:

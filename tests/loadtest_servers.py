@@ -9,7 +9,6 @@ connections. They count every predict they answer.
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import threading
@@ -24,6 +23,7 @@ import numpy as np
 from mnist_client import contract
 from mnist_client.protos import predict_pb2
 from mnist_client.tensors import make_ndarray, make_tensor_proto
+from client_fakes import load_npy
 
 
 class Oracle:
@@ -151,7 +151,7 @@ def _make_rest_handler(owner: RestServer) -> type[BaseHTTPRequestHandler]:
                 self._answer(behaviour.fail_status, {"error": f"configured to fail with {behaviour.fail_status}"})
                 return
             if self.headers.get("Content-Type", "").startswith("application/x-npy"):
-                images = np.load(io.BytesIO(data), allow_pickle=False)
+                images = load_npy(data)
             else:
                 images = np.asarray(json.loads(data)["instances"], dtype=np.float32)
             classes = owner.oracle.classify(images)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,11 @@ _NONFINITE_TOKEN = re.compile(rb"NaN|Infinity", re.IGNORECASE)
 _BOOLEAN_TOKENS = (b"true", b"false")
 _NUMERIC_KINDS = "fiu"
 _ENCODE_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+# numpy parses a .npy header with ast.literal_eval. Before CPython 3.11.8 the AST builder kept its recursion
+# counter per interpreter, not per thread (gh-106905), so two threads parsing at once could fail a valid
+# request with "SystemError: AST constructor recursion depth mismatch". Debian bookworm's Python (the images)
+# is 3.11.2, so header parses are serialised here; a parse takes microseconds.
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,11 @@ def decode_npy(body: bytes, max_batch: int) -> np.ndarray:
     try:
         version = np.lib.format.read_magic(stream)
         if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+            with _NPY_HEADER_LOCK:
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
         elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+            with _NPY_HEADER_LOCK:
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
             raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}; numpy.save writes 1.0")
     except ValueError as exc:
