@@ -15,8 +15,6 @@ import argparse
 import json
 import logging
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,16 +25,11 @@ import numpy as np
 
 from mnist_client import contract
 from mnist_client.rest import DEFAULT_BINARY_THRESHOLD, RestClient
+from stack.processes import free_port, stop_process
 
 log = logging.getLogger("bench.client_rest_formats")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _start_server(models_dir: Path, port: int) -> subprocess.Popen:
@@ -114,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     test = mnist_data.load_split("test")
     images = test.images[: max(args.batches)]  # uint8 [N, 28, 28]: what applications usually hold
-    port = _free_port()
+    port = free_port()
     server = _start_server(args.models_dir, port)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -122,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             client.wait_until_ready(timeout=120)
         rows = measure(url, images, args.batches, args.calls)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        stop_process(server)
 
     result = {
         "server": "gunicorn, 1 sync worker, 127.0.0.1",

@@ -34,7 +34,6 @@ import logging
 import multiprocessing
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from bench.inprocess import model_only_ceiling
 from bench.results import write_result
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
+from stack.processes import free_port, stop_process
 
 log = logging.getLogger("bench.grpc_standin")
 
@@ -189,12 +189,6 @@ def _warm(target: str, batch: int) -> bool:
 # --- the server ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_ready(target: str, process: subprocess.Popen, timeout: float = 120) -> None:
     import grpc
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
@@ -219,7 +213,7 @@ def _wait_ready(target: str, process: subprocess.Popen, timeout: float = 120) ->
 
 @contextmanager
 def standin(base_path: Path, extra_flags: list[str]) -> Iterator[tuple[str, list[str], int]]:
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "serving.tfs_standin", f"--port={port}", "--standin_host=127.0.0.1",
         f"--model_name={contract.MODEL_NAME}", f"--model_base_path={base_path}", *extra_flags,
@@ -235,11 +229,7 @@ def standin(base_path: Path, extra_flags: list[str]) -> Iterator[tuple[str, list
             log.error("stand-in log:\n%s", log_file.read()[-4000:])
             raise
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_process(process)
 
 
 # --- measuring -------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 from mnist_client import contract
 from mnist_client.loadtest import LoadTestConfig, parse_target, run
 from mnist_client.loadtest.payload import build_payload, load_test_set
+from stack.processes import free_port, stop_process
 
 log = logging.getLogger("bench.loadtester_vs_wrk")
 
@@ -72,12 +72,6 @@ function done(summary, latency, requests)
     latency:percentile(50), latency:percentile(99)))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(url: str, timeout_s: float, process: subprocess.Popen) -> None:
@@ -205,11 +199,7 @@ def bench_rest(models_dir: Path, duration_s: float, repeats: int, high: int, wor
                     log.info("repeat %d %s c=%d: %.0f req/s, p50 %.3f ms", repeat, tool, concurrency, result["rps"],
                              result["p50_ms"])
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
 
     def median(key: str, metric: str) -> float:
         return statistics.median(sample[metric] for sample in samples[key])
@@ -308,11 +298,7 @@ def bench_grpc(models_dir: Path, duration_s: float, repeats: int, concurrencies:
                     samples[f"{tool}@{concurrency}"].append(result)
                     log.info("repeat %d grpc %s c=%d: %.0f calls/s", repeat, tool, concurrency, result["rps"])
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
     figures = {}
     for concurrency in concurrencies:
         bare = statistics.median(s["rps"] for s in samples[f"bare@{concurrency}"])

@@ -31,8 +31,6 @@ import os
 import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +49,7 @@ import psutil
 from bench.inprocess import DEFAULT_CALLS, measure_torch, mnist_test_images, model_only_ceiling, throughput
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
+from stack.processes import free_port, stop_process
 
 log = logging.getLogger("bench.rest_server")
 
@@ -89,12 +88,6 @@ def write_bodies(folder: Path, name: str, bodies: list[bytes]) -> Path:
 
 
 # -- the server ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
@@ -143,12 +136,7 @@ def gunicorn(base_path: Path, log_path: Path, **env: str) -> Iterator[Server]:
             _wait_ready(url, process, log_path)
             yield Server(url, process.pid)
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, grace_s=60)
 
 
 def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> None:

@@ -25,8 +25,6 @@ import argparse
 import logging
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +45,7 @@ from mnist_client.grpc_client import GrpcClient
 from mnist_client.loadtest import LoadTestConfig, Target, run
 from mnist_client.rest import RestClient
 from serving.model_repository import latest_version, model_base_path
+from stack.processes import free_port, stop_process
 
 log = logging.getLogger("bench.soak")
 
@@ -59,12 +58,6 @@ P99_MAX_RATIO = 1.5
 SAMPLE_SECONDS = 1.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def started(command: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A server subprocess, SIGTERMed (then killed if need be) on exit; its output goes to ``log_path``."""
@@ -73,13 +66,7 @@ def started(command: list[str], env: dict[str, str], log_path: Path) -> Iterator
         try:
             yield process
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process, grace_s=60)
 
 
 def server_env(**extra: str) -> dict[str, str]:

@@ -28,7 +28,7 @@ from mnist_client.loadtest.printers.table import format_table
 from serving.model_repository import latest_version
 from stack import training_summary
 from stack.config import REPO_ROOT, StackConfig
-from stack.processes import StackError
+from stack.processes import StackError, stop_process
 from stack.servers import running_stack
 
 log = logging.getLogger("stack.demo")
@@ -127,7 +127,7 @@ def train_missing(config: StackConfig, extra: list[str]) -> None:
                 failed.append(f"{framework} training exited with status {status}")
     finally:
         for _, process, _ in running:
-            _stop(process)
+            stop_process(process)
     if failed:
         raise StackError("; ".join(failed) + " (its output is above, prefixed with the framework)")
 
@@ -143,17 +143,6 @@ def _relay(process: subprocess.Popen[bytes], prefix: str) -> None:
         with _OUTPUT_LOCK:
             sys.stdout.write(f"{prefix}{line}\n")
             sys.stdout.flush()
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _usable_cpus() -> int:

@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,37 @@ class ManagedProcess:
             return None
         if self._proc.poll() is None:
             log.info("stopping %s (pid %d)", self.name, self._proc.pid)
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self._proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-        return self._proc.returncode
+        return stop_process(self._proc, grace_s, group=True, name=self.name)
+
+
+def stop_process(
+    process: subprocess.Popen[Any], grace_s: float = 30.0, *, group: bool = False, name: str | None = None
+) -> int:
+    """SIGTERM ``process`` if it still runs, wait up to ``grace_s``, then SIGKILL; return its exit status.
+
+    ``group=True`` signals its whole process group (a child started with ``start_new_session``), so that
+    gunicorn's workers get the signal too.
+    """
+
+    def send(signum: int) -> None:
+        try:
+            os.killpg(process.pid, signum) if group else process.send_signal(signum)
+        except ProcessLookupError:  # exited between the poll and the signal
+            pass
+
+    if process.poll() is None:
+        send(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", name or f"pid {process.pid}", grace_s)
+            send(signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

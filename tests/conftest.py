@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stack.processes import free_port  # noqa: F401 - the tests import it from here
 from training import mnist_data
 
 # Number of real test images the fixture exports check against (fast, still real).
@@ -41,10 +41,3 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory, test_images: tuple[np.n
     train_torch.main(common)
     train_tf.main(common)
     return root
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -22,7 +22,7 @@ from mnist_client.rest import RestClient
 from serving.model_repository import latest_version
 from stack.config import REPO_ROOT, StackConfig
 from stack.demo import train_missing
-from stack.processes import StackError, ensure_port_free
+from stack.processes import StackError, ensure_port_free, stop_process
 from stack.servers import running_stack
 
 
@@ -222,3 +222,52 @@ def test_bad_port_variable_is_explained(monkeypatch):
     monkeypatch.setenv("MNIST_REST_PORT", "eighty")
     with pytest.raises(ValueError, match="MNIST_REST_PORT='eighty': expected an integer"):
         StackConfig.from_env()
+
+
+def _child(code: str, **popen: object) -> tuple[subprocess.Popen[bytes], bytes]:
+    """A Python child that prints ``ready ...`` once its signal handlers are set; returns it and that line."""
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, **popen)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith(b"ready"), line
+    return process, line
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie may linger where pid 1 does not reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_stop_process_terminates_then_kills_only_what_ignores_sigterm():
+    polite, _ = _child("import time; print('ready', flush=True); time.sleep(60)")
+    assert stop_process(polite, grace_s=10) == -signal.SIGTERM
+
+    stubborn, _ = _child(
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
+    started = time.monotonic()
+    assert stop_process(stubborn, grace_s=0.5) == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+
+    assert stop_process(stubborn) == -signal.SIGKILL  # already gone: just its status again, no signal
+
+
+def test_stop_process_group_reaches_grandchildren():
+    # A child in its own session with a grandchild, as gunicorn's master has workers.
+    parent, line = _child(
+        "import subprocess, sys;"
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        "print('ready', g.pid, flush=True); g.wait()",
+        start_new_session=True,
+    )
+    grandchild = int(line.split()[1])
+    assert _alive(grandchild)
+    stop_process(parent, grace_s=10, group=True)
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
