@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
 from types import FrameType
 
+from mnist_client.cpus import usable_cpus
 from mnist_client.loadtest import LoadTestConfig, LoadTestError, parse_target, run
 from mnist_client.loadtest.cli import ProgressDisplay
 from mnist_client.loadtest.printers.csv_out import write_csv
@@ -104,7 +104,7 @@ def train_missing(config: StackConfig, extra: list[str]) -> None:
         return
     threads = None  # alone: the trainer's own default
     if len(missing) > 1:
-        threads = max(1, _usable_cpus() // len(missing))
+        threads = max(1, usable_cpus() // len(missing))
         log.info("training both at once, %d CPU thread(s) each", threads)
     running: list[tuple[str, subprocess.Popen[bytes], threading.Thread]] = []
     try:
@@ -143,13 +143,6 @@ def _relay(process: subprocess.Popen[bytes], prefix: str) -> None:
         with _OUTPUT_LOCK:
             sys.stdout.write(f"{prefix}{line}\n")
             sys.stdout.flush()
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
 
+from mnist_client.cpus import cgroup_cpu_limit, usable_cpus
 from mnist_client.loadtest import ConfigError, LoadTestConfig, Thresholds, parse_target
 from mnist_client.loadtest.cli import EXIT_USAGE, main
 from mnist_client.loadtest.config import parse_list
@@ -126,21 +128,28 @@ def test_cli_rejects_bad_settings_with_exit_status_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_worker_processes_follow_load_cpus_and_container_quota(tmp_path: Path, monkeypatch):
-    from mnist_client.loadtest import config as config_module
-
+def test_cpu_quota_from_cgroup_v2_and_v1_caps_usable_cpus(tmp_path: Path):
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert config_module.cgroup_cpu_limit(tmp_path) == 1.5
+    assert cgroup_cpu_limit(tmp_path) == 1.5
+    assert usable_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))  # 1.5 CPUs of quota: 2 workers
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert config_module.cgroup_cpu_limit(tmp_path) is None
+    assert cgroup_cpu_limit(tmp_path) is None
+    assert usable_cpus(tmp_path) == len(os.sched_getaffinity(0))
     v1 = tmp_path / "v1"
     (v1 / "cpu").mkdir(parents=True)
-    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert config_module.cgroup_cpu_limit(v1) == 4.0
-    assert config_module.cgroup_cpu_limit(tmp_path / "missing") is None
+    assert cgroup_cpu_limit(v1) == 0.5
+    assert usable_cpus(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(v1) is None
+    assert cgroup_cpu_limit(tmp_path / "missing") is None
 
-    monkeypatch.setattr(config_module, "_usable_cpus", lambda: 4)
+
+def test_worker_processes_follow_load_and_usable_cpus(monkeypatch):
+    from mnist_client.loadtest import config as config_module
+
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: 4)
     closed = LoadTestConfig(targets=(REST,), concurrency=(1, 16, 256))
     assert [closed.worker_processes(c) for c in closed.points] == [1, 2, 4]
     assert LoadTestConfig(targets=(REST,), concurrency=(16,), processes=8).worker_processes(16) == 8

@@ -31,6 +31,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from mnist_client.cpus import usable_cpus  # noqa: E402
 from serving.torch_server.config import ConfigError, ServerConfig, env_int, env_str  # noqa: E402
 
 # Validate the app's settings in the master, so a bad value stops the server at
@@ -38,15 +39,8 @@ from serving.torch_server.config import ConfigError, ServerConfig, env_int, env_
 ServerConfig.load()
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 bind = [f"{env_str('HOST', '0.0.0.0')}:{env_int('PORT', 8080, minimum=0)}"]
-workers = env_int("WORKERS", _usable_cpus(), minimum=1)
+workers = env_int("WORKERS", usable_cpus(), minimum=1)
 threads = env_int("THREADS", 1, minimum=1)
 # sync: one request at a time per worker, each connection closed after its answer;
 # gthread: keep-alive connections, and THREADS requests at a time per worker (needed for

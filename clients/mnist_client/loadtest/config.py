@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from mnist_client import contract
+from mnist_client.cpus import usable_cpus
 from mnist_client.loadtest.errors import ConfigError
 
 Protocol = Literal["rest", "grpc"]
@@ -246,7 +246,7 @@ class LoadTestConfig:
         # One process keeps about 8 connections, or about 1,500 arrivals/s, busy without being the
         # bottleneck (bench/loadtester_vs_wrk.py); more processes than CPUs only contend.
         needed = math.ceil(point / 8) if self.mode == "closed" else math.ceil(point / 1500)
-        return max(1, min(_usable_cpus(), needed, self.in_flight(point)))
+        return max(1, min(usable_cpus(), needed, self.in_flight(point)))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -281,37 +281,6 @@ class Thresholds:
 
     def any(self) -> bool:
         return any(v is not None for v in asdict(self).values())
-
-
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPU quota of this container in CPUs (a Kubernetes ``limits.cpu``), or None when unlimited.
-
-    Reads cgroup v2 (``cpu.max``: ``"200000 100000"`` = 2 CPUs, ``"max 100000"`` = none), else v1
-    (``cpu/cpu.cfs_quota_us`` / ``cpu/cpu.cfs_period_us``, quota -1 = none).
-    """
-    try:
-        quota_text, period_text = (root / "cpu.max").read_text().split()[:2]
-        if quota_text == "max":
-            return None
-        return int(quota_text) / int(period_text)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask (cpusets), capped by a container CPU quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))  # respects cpusets, unlike os.cpu_count()
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    return max(1, min(cpus, math.ceil(limit))) if limit is not None else cpus
 
 
 def _is_number(value: object) -> bool:
