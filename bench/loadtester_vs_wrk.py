@@ -37,6 +37,7 @@ from pathlib import Path
 from mnist_client import contract
 from mnist_client.loadtest import LoadTestConfig, parse_target, run
 from mnist_client.loadtest.payload import build_payload, load_test_set
+from bench.wrk import whole_seconds
 from stack.processes import free_port, stop_process
 
 log = logging.getLogger("bench.loadtester_vs_wrk")
@@ -122,11 +123,11 @@ def start_rest_server(models_base: Path, port: int, workers: int) -> subprocess.
     return process
 
 
-def run_wrk(url: str, script: Path, prefix: Path, count: int, path: str, concurrency: int, duration_s: float) -> dict:
+def run_wrk(url: str, script: Path, prefix: Path, count: int, path: str, concurrency: int, duration_s: int) -> dict:
     threads = min(2, concurrency)
     before = children_cpu_s()
     result = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration_s:g}s", "--timeout", "10s", "-s", str(script), url,
+        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration_s}s", "--timeout", "10s", "-s", str(script), url,
          "--", str(prefix), str(count), path],
         capture_output=True, text=True, timeout=duration_s + 60,
     )
@@ -166,7 +167,7 @@ def run_loadtester(targets: tuple, concurrency: int, duration_s: float) -> dict:
     }
 
 
-def bench_rest(models_dir: Path, duration_s: float, repeats: int, high: int, workdir: Path) -> dict:
+def bench_rest(models_dir: Path, duration_s: int, repeats: int, high: int, workdir: Path) -> dict:
     models_base = latest_version_dir(models_dir, contract.TORCH_FRAMEWORK_DIR)
     if models_base is None:
         raise RuntimeError(f"no TorchScript model under {models_dir}/torch/mnist; run `make train` first")
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--duration", type=whole_seconds, default=3, help="whole seconds per measurement (wrk's -d)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds per tool (median taken)")
     parser.add_argument("--concurrency", type=int, default=16, help="the high concurrency for throughput")
     parser.add_argument("--grpc-concurrency", default="1,8", help="concurrencies for the gRPC comparison")

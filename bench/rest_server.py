@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from bench.wrk import whole_seconds
 from bench.inprocess import DEFAULT_CALLS, measure_torch, mnist_test_images, model_only_ceiling, throughput
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
@@ -174,7 +175,7 @@ def run_wrk(
     count: int,
     content_type: str,
     concurrency: int,
-    duration_s: float,
+    duration_s: int,
     path: str = PREDICT_PATH,
 ) -> dict:
     """One wrk run (one thread: it leaves the cores to the server): requests/s, latency in ms, and the
@@ -182,7 +183,7 @@ def run_wrk(
 
     ``content_type="GET"`` (with ``prefix=None``, ``count=0``) sends bodiless GETs to ``path``."""
     command = [
-        "wrk", "-t1", f"-c{concurrency}", f"-d{int(duration_s)}s", "--timeout", "10s", "-s", str(WRK_SCRIPT),
+        "wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--timeout", "10s", "-s", str(WRK_SCRIPT),
         f"{server.url}{path}", "--", str(prefix or "-"), str(count), content_type,
     ]  # fmt: skip
     server_cpu = server.cpu_seconds()
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results", help="JSON goes here")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models", help="models root (latest version)")
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run (default 4)")
+    parser.add_argument("--duration", type=whole_seconds, default=4, help="whole seconds per wrk run (default 4)")
     parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the config's, CPUs)")
     parser.add_argument(
         "--no-batching-sweep", dest="batching_sweep", action="store_false", help="skip the worker-class/batching sweep"
@@ -238,9 +239,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install -y wrk)")
-    if args.duration <= 0 or args.duration != int(args.duration):
-        # wrk's -d takes whole seconds: a fraction would end in wrk's usage text, not a figure.
-        raise ValueError(f"--duration {args.duration:g}: expected a whole number of seconds >= 1 (wrk's -d)")
     base = model_base_path(args.models_dir, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
     version = latest_version(base)
     if version is None:

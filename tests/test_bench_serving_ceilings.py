@@ -1,4 +1,5 @@
-"""The serving benchmarks' model-only ceilings, and bench.grpc_standin end to end on the fixture model.
+"""The serving benchmarks' model-only ceilings, their wrk durations, and bench.grpc_standin end to end on the
+fixture model.
 
 Short runs: these check that the benchmark measures and reports what it says, not how fast anything is.
 """
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import grpc_standin
+from bench import grpc_standin, loadtester_vs_wrk, rest_server
 from bench.inprocess import model_only_ceiling
 
 
@@ -22,6 +23,19 @@ def test_ceiling_is_the_cores_over_model_and_caller_cost() -> None:
     assert model_only_ceiling(2, 0.8, 0.0) == 2500.0
     assert model_only_ceiling(2, 0.75, 250.0) == 2000.0
     assert model_only_ceiling(1, 0.5, 500.0) == 1000.0
+
+
+@pytest.mark.parametrize("bench_main", [rest_server.main, loadtester_vs_wrk.main])
+@pytest.mark.parametrize("duration", ["0.5", "0", "-2", "three"])
+def test_wrk_benches_refuse_a_duration_wrk_cannot_take(bench_main, duration, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench_main(["--duration", duration])
+    assert exited.value.code == 2
+    assert "--duration" in (err := capsys.readouterr().err) and "expected a whole number of seconds >= 1" in err
+
+
+def test_wrk_benches_take_whole_seconds_written_as_floats() -> None:
+    assert rest_server.build_parser().parse_args(["--duration", "2.0"]).duration == 2
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
