@@ -10,7 +10,7 @@ Gaps these fill next to the existing tests (which they do not repeat):
   it under continuous calls from eight threads.
 - A new version and a corrupt one published under load, with zero failed requests, are already tested
   for both servers: tests/test_rest_gunicorn.py::test_version_swap_and_broken_version_under_load_fail_no_request
-  and tests/test_standin_versions.py (``CallLoop``, four threads).
+  and tests/test_standin_versions.py (the same ``Load``, four threads).
 
 "Accepted" is judged by the server: gunicorn's access log lists every request a worker took. A request
 still waiting in the kernel's listen backlog when the workers stop is reset at the connection level
@@ -26,10 +26,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -37,6 +35,7 @@ import numpy as np
 import pytest
 import requests
 
+from call_load import Load
 from mnist_client import contract
 from tests.conftest import free_port
 from tests.test_rest_gunicorn import PREDICT, Gunicorn, scrape
@@ -49,46 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLIENT_THREADS = 4
 ACCESS_200 = re.compile(r'"POST /v1/models/mnist:predict HTTP/1\.1" 200 ')
 ACCESS_OTHER = re.compile(r'"POST /v1/models/mnist:predict HTTP/1\.1" (?!200 )\d{3} ')
-
-
-@dataclass(frozen=True)
-class Outcome:
-    started: float
-    ended: float
-    result: str  # "ok", an HTTP status, a gRPC code name, or "refused" / "reset" / "timeout"
-
-
-class Load:
-    """``threads`` threads calling ``call()`` back to back until stopped (or 60 s); every outcome is kept."""
-
-    def __init__(self, call: Callable[[], str], threads: int = CLIENT_THREADS) -> None:
-        self.outcomes: list[Outcome] = []
-        self._call = call
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 60
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            started = time.monotonic()
-            result = self._call()
-            with self._lock:
-                self.outcomes.append(Outcome(started, time.monotonic(), result))
-
-    def count(self, result: str = "ok", after: float = 0.0) -> int:
-        with self._lock:
-            return sum(1 for o in self.outcomes if o.result == result and o.started >= after)
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
 
 def rest_call(url: str, body: dict) -> Callable[[], str]:
@@ -127,7 +86,7 @@ def gunicorn(torch_base: Path, tmp_path: Path) -> Iterator[Gunicorn]:
 
 
 def test_sigterm_to_gunicorn_under_load_loses_no_accepted_request(gunicorn: Gunicorn, body: dict) -> None:
-    with Load(rest_call(gunicorn.url, body)) as load:
+    with Load(rest_call(gunicorn.url, body), threads=CLIENT_THREADS) as load:
         wait_for(lambda: load.count() >= 40, what="40 answered requests before the signal")
         signalled = time.monotonic()
         gunicorn.process.send_signal(signal.SIGTERM)
@@ -157,7 +116,7 @@ def test_killed_worker_under_load_is_replaced_with_bounded_errors(gunicorn: Guni
     pids = gunicorn.worker_pids()
     assert len(pids) == 2
     wait_for(lambda: live_workers() == pids, timeout=60, what="both workers to load the model")
-    with Load(rest_call(gunicorn.url, body)) as load:
+    with Load(rest_call(gunicorn.url, body), threads=CLIENT_THREADS) as load:
         wait_for(lambda: load.count() >= 40, what="40 answered requests before the kill")
         victim = min(pids)
         killed = time.monotonic()

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import threading
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from call_load import Load
 from mnist_client import contract
 from tests.test_standin_support import (
     Stubs,
@@ -49,36 +49,16 @@ def _health(stubs: Stubs, service: str = "") -> int:
     return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-class CallLoop:
-    """Threads that call Predict until stopped, counting every outcome (bounded in time by the test)."""
+def version_calls(stubs: Stubs, image: np.ndarray) -> Callable[[], str]:
+    """A call for ``Load``: ``"version N"`` for the version that answered, else ``"CODE: details"``."""
 
-    def __init__(self, stubs: Stubs, image: np.ndarray, threads: int = 4) -> None:
-        self.versions: Counter[int] = Counter()
-        self.errors: list[str] = []
-        self._stubs, self._image = stubs, image
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+    def call() -> str:
+        try:
+            return f"version {stubs.predict(image, timeout=10).model_spec.version.value}"
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                version = self._stubs.predict(self._image, timeout=10).model_spec.version.value
-                with self._lock:
-                    self.versions[version] += 1
-            except grpc.RpcError as exc:
-                with self._lock:
-                    self.errors.append(f"{exc.code().name}: {exc.details()}")
-
-    def __enter__(self) -> CallLoop:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
+    return call
 
 
 def test_unavailable_until_a_version_is_loaded_then_serving(tmp_path: Path, model_repo: Path,
@@ -106,30 +86,29 @@ def test_unavailable_until_a_version_is_loaded_then_serving(tmp_path: Path, mode
 
 def test_new_version_swaps_in_under_concurrent_calls_with_zero_failures(base: Path, image: np.ndarray) -> None:
     with running(server_options(base)) as server, stubs_for(server) as stubs:
-        with CallLoop(stubs, image) as loop:
-            wait_for(lambda: loop.versions[1] >= 20, what="calls on version 1")
+        with Load(version_calls(stubs, image)) as load:
+            wait_for(lambda: load.count("version 1") >= 20, what="calls on version 1")
             copy_version(base, 1, 2)
-            wait_for(lambda: loop.versions[2] >= 20, what="calls on version 2")
+            wait_for(lambda: load.count("version 2") >= 20, what="calls on version 2")
         statuses = {s.version: s.state for s in stubs.status()}
 
-    assert loop.errors == []
+    assert set(load.results()) == {"version 1", "version 2"}  # no call failed
     assert statuses == {1: State.END, 2: State.AVAILABLE}
 
 
 def test_broken_version_is_refused_while_the_old_one_serves(base: Path, image: np.ndarray) -> None:
     with running(server_options(base)) as server, stubs_for(server) as stubs:
-        with CallLoop(stubs, image) as loop:
+        with Load(version_calls(stubs, image)) as load:
             publish_broken_version(base, 2)
             wait_for(lambda: any(s.version == 2 and s.state == State.END for s in stubs.status()),
                      what="version 2 to be refused")
-            served_before = sum(loop.versions.values())
-            wait_for(lambda: sum(loop.versions.values()) >= served_before + 20, what="calls after the refusal")
+            served_before = load.count("version 1")
+            wait_for(lambda: load.count("version 1") >= served_before + 20, what="calls after the refusal")
         [broken] = stubs.status(version=2)
         with pytest.raises(grpc.RpcError) as caught:
             stubs.predict(image, version=2)
 
-    assert loop.errors == []
-    assert set(loop.versions) == {1}
+    assert set(load.results()) == {"version 1"}  # no call failed, none reached version 2
     assert broken.status.error_code != 0
     assert "version 2 of model mnist failed to load" in broken.status.error_message
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,54 @@
+"""Steady client load for the fault and version tests: threads calling back to back, every outcome kept."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    started: float
+    ended: float
+    result: str  # what the call function returned: "ok", "version 2", an HTTP status, a gRPC code name, ...
+
+
+class Load:
+    """``threads`` threads calling ``call()`` back to back until the ``with`` block ends (or 60 s)."""
+
+    def __init__(self, call: Callable[[], str], threads: int = 4) -> None:
+        self.outcomes: list[Outcome] = []
+        self._call = call
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            result = self._call()
+            with self._lock:
+                self.outcomes.append(Outcome(started, time.monotonic(), result))
+
+    def count(self, result: str = "ok", after: float = 0.0) -> int:
+        """Calls that returned ``result`` and started at or after ``after`` (``time.monotonic()``)."""
+        with self._lock:
+            return sum(1 for o in self.outcomes if o.result == result and o.started >= after)
+
+    def results(self) -> Counter[str]:
+        with self._lock:
+            return Counter(o.result for o in self.outcomes)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
