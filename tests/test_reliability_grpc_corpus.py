@@ -12,7 +12,7 @@ exactly as the SavedModel does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -25,14 +25,12 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 from mnist_client import contract
 from serving.tfs_standin.flags import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
 from serving.tfs_standin.predict import MAX_FILLED_TENSOR_BYTES
-from serving.tfs_standin.server import ModelServer
 from tests.test_standin_support import (
     Stubs,
     expected_outputs,
     outputs,
-    running,
-    server_options,
-    stubs_for,
+    standin_server,  # noqa: F401 - fixture
+    standin_stubs,  # noqa: F401 - fixture
     tf_model_copy,  # noqa: F401 - fixture
 )
 
@@ -164,18 +162,6 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, tuple[str, ...]]] = {
     "unknown method": (_raw("/tensorflow.serving.PredictionService/Explain", b""), grpc.StatusCode.UNIMPLEMENTED,
                        ("Method not found",)),
 }
-
-
-@pytest.fixture(scope="module")
-def server(tf_model_copy: Path) -> Iterator[ModelServer]:  # noqa: F811
-    with running(server_options(tf_model_copy)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def stubs(server: ModelServer) -> Iterator[Stubs]:
-    with stubs_for(server) as stubs:
-        yield stubs
 
 
 def test_the_corpus_is_large_enough() -> None:

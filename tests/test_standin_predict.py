@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,7 +18,6 @@ from tensorflow_serving.apis import (
 )
 
 from mnist_client import contract
-from serving.tfs_standin.server import ModelServer
 from tests.test_standin_support import (
     Stubs,
     expected_outputs,
@@ -27,22 +26,12 @@ from tests.test_standin_support import (
     running,
     server_options,
     stubs_for,
+    standin_server,  # noqa: F401 - fixture
+    standin_stubs,  # noqa: F401 - fixture
     tf_model_copy,  # noqa: F401 - fixture
 )
 
 IMAGE_BYTES = contract.IMAGE_HEIGHT * contract.IMAGE_WIDTH * 4
-
-
-@pytest.fixture(scope="module")
-def server(tf_model_copy: Path) -> Iterator[ModelServer]:  # noqa: F811
-    with running(server_options(tf_model_copy)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def stubs(server: ModelServer) -> Iterator[Stubs]:
-    with stubs_for(server) as stubs:
-        yield stubs
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,20 @@ def tf_model_copy(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return base
 
 
+@pytest.fixture(scope="module", name="server")
+def standin_server(tf_model_copy: Path) -> Iterator[ModelServer]:
+    """One stand-in per test module on its copy of the fixture model; import it with ``tf_model_copy``."""
+    with running(server_options(tf_model_copy)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", name="stubs")
+def standin_stubs(server: ModelServer) -> Iterator[Stubs]:
+    """The official stubs on one channel to the module's ``server``."""
+    with stubs_for(server) as stubs:
+        yield stubs
+
+
 def expected_outputs(version_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     """What the SavedModel itself answers in this process (eager TensorFlow, not the stand-in)."""
     loaded = tf.saved_model.load(str(version_dir))
