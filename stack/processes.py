@@ -121,7 +121,10 @@ def stop_process(
 
     def send(signum: int) -> None:
         try:
-            os.killpg(process.pid, signum) if group else process.send_signal(signum)
+            if group:
+                os.killpg(process.pid, signum)
+            else:
+                process.send_signal(signum)
         except ProcessLookupError:  # exited between the poll and the signal
             pass
 
