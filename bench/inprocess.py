@@ -1,9 +1,10 @@
 """In-process inference of both exported models: the floor that serving overhead is measured against.
 
-Loads the latest TorchScript and SavedModel versions the way the servers do
-(``torch.jit.load``; ``tf.saved_model.load`` and its ``serving_default``
-signature) and calls them directly on real MNIST test images, numpy in and
-numpy out, as a server would:
+Loads the latest TorchScript and SavedModel versions (``torch.jit.load``, as the
+REST server does; ``tf.saved_model.load`` and its ``serving_default`` signature,
+called eagerly as a Python application would, where TF Serving and the stand-in
+run the graph through a Session, cheaper per call at batch 1) and calls them
+directly on real MNIST test images, numpy in and numpy out:
 
 - latency at batch 1 and batch 64: median and p99 of many timed calls after warm-up;
 - throughput at batch 256: images/s over a run of back-to-back calls.

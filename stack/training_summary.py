@@ -13,6 +13,7 @@ import json
 import logging
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ def collect(config: StackConfig, inprocess: dict[str, Any] | None) -> list[dict[
             row["latency_b1_p50_ms"] = floor["latency"]["1"]["median_ms"]
             row["latency_b64_p50_ms"] = floor["latency"]["64"]["median_ms"]
             row["inference_images_per_second_b256"] = floor["throughput"]["images_per_second"]
+            row["inference_threads"] = floor.get("threads")
         rows.append(row)
     return rows
 
@@ -91,18 +93,31 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in _COLUMNS]
 
 
+def how_measured(rows: list[dict[str, Any]]) -> str:
+    """How the latency columns were measured, per framework: the two calls differ, and a reader must know."""
+    threads = {row["framework"]: row.get("inference_threads") or {} for row in rows}
+    torch_threads = threads.get("pytorch", {}).get("intra_op", "?")
+    tf_threads = threads.get("tensorflow", {})
+    return (
+        "Training figures come from each exported model's model.json. Latencies are the in-process floor "
+        "(bench/inprocess.py), measured in the same run as the load test: PyTorch calls the TorchScript module "
+        f"with {torch_threads} thread(s), as each gunicorn worker does; TensorFlow calls the SavedModel's "
+        f"serving_default signature eagerly (intra-op threads: {tf_threads.get('intra_op', '?')}, inter-op: "
+        f"{tf_threads.get('inter_op', '?')}). TF Serving and the stand-in run the same graph through a Session, "
+        "which at batch 1 costs less than the eager call (bench.grpc_standin measures that path), so "
+        "TensorFlow's batch-1 figure here overstates what its server spends on the model."
+    )
+
+
 def format_text(rows: list[dict[str, Any]]) -> str:
     headers = [title for _, title, _ in _COLUMNS]
     table = [headers] + [_cells(r) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table)
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table]
+    return "\n".join([*lines, "", textwrap.fill(how_measured(rows), width=100)])
 
 
 def format_html(rows: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in _COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>" for r in rows)
-    return (
-        "<p>Training figures come from each exported model's <code>model.json</code>; latencies are the "
-        "in-process floor (<code>bench/inprocess.py</code>, one thread), measured in the same run as the "
-        f"load test below.</p><table><tr>{head}</tr>{body}</table>"
-    )
+    return f"<p>{html.escape(how_measured(rows))}</p><table><tr>{head}</tr>{body}</table>"

@@ -95,8 +95,11 @@ def test_demo_writes_reports_with_training_comparison(model_repo, tmp_path):
     assert set(frameworks) == {"pytorch", "tensorflow"}
     for row in frameworks.values():
         assert row["test_accuracy"] > 0.8 and row["size_mb"] > 0 and row["latency_b1_p50_ms"] > 0
+    assert frameworks["pytorch"]["inference_threads"] == {"intra_op": 1}
     page = (config.report_dir / "demo.html").read_text()
     assert "Training and in-process inference" in page and "<svg" in page
+    # The two latency columns come from different calls; the page says which.
+    assert "TorchScript module with 1 thread(s)" in page and "signature eagerly (intra-op threads:" in page
     assert (config.report_dir / "demo.csv").read_text().count("\n") >= 5  # header + 2 targets x 2 points
     assert not _port_open(config.rest_port) and not _port_open(config.grpc_port)
 
