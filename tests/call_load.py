@@ -17,7 +17,10 @@ class Outcome:
 
 
 class Load:
-    """``threads`` threads calling ``call()`` back to back until the ``with`` block ends (or 60 s)."""
+    """``threads`` threads calling ``call()`` back to back until the ``with`` block ends (or 60 s).
+
+    An exception from ``call`` does not end its thread: it is kept as a ``"raised Type: message"`` outcome.
+    """
 
     def __init__(self, call: Callable[[], str], threads: int = 4) -> None:
         self.outcomes: list[Outcome] = []
@@ -30,7 +33,10 @@ class Load:
         deadline = time.monotonic() + 60
         while not self._stop.is_set() and time.monotonic() < deadline:
             started = time.monotonic()
-            result = self._call()
+            try:
+                result = self._call()
+            except Exception as exc:  # noqa: BLE001 - kept as an outcome, so the test's assertions see it
+                result = f"raised {type(exc).__name__}: {exc}"
             with self._lock:
                 self.outcomes.append(Outcome(started, time.monotonic(), result))
 

@@ -56,6 +56,8 @@ def rest_call(url: str, body: dict) -> Callable[[], str]:
             response = requests.post(f"{url}{PREDICT}", json=body, timeout=20)
         except requests.Timeout:
             return "timeout"
+        except requests.exceptions.ChunkedEncodingError:
+            return "cut"  # the answer had started when the connection broke: a request that ran and was lost
         except requests.ConnectionError as exc:
             return "refused" if "refused" in str(exc).lower() else "reset"
         return "ok" if response.status_code == 200 else str(response.status_code)
