@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import runpy
 import shutil
 import threading
 import time
@@ -29,6 +31,7 @@ from serving.torch_server.config import ConfigError, ServerConfig
 from training.model_torch import predict_numpy
 
 PREDICT = "/v1/models/mnist:predict"
+GUNICORN_CONF = Path(__file__).resolve().parents[1] / "serving" / "torch_server" / "gunicorn_conf.py"
 MAX_BATCH = 64
 MAX_BODY = 512 * 1024
 
@@ -503,6 +506,19 @@ def test_config_precedence_defaults_env_overrides():
     assert config.auth_open_paths == ("/healthz", "/readyz")
     assert config.model_base_path == Path("/srv/models/mnist")
     assert ServerConfig.load(environ={}).max_body_bytes == ServerConfig().max_body_bytes  # limits on by default
+
+
+def test_gunicorn_default_workers_are_the_usable_cpus(monkeypatch, tmp_path):
+    import mnist_client.cpus
+
+    for name in [n for n in os.environ if n.startswith("MNIST_REST_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # else the config file makes a temp folder
+    # A container with 3 CPUs of quota on a bigger host: one worker per usable CPU, not per host CPU.
+    monkeypatch.setattr(mnist_client.cpus, "usable_cpus", lambda: 3)
+    assert runpy.run_path(str(GUNICORN_CONF))["workers"] == 3
+    monkeypatch.setenv("MNIST_REST_WORKERS", "5")
+    assert runpy.run_path(str(GUNICORN_CONF))["workers"] == 5
 
 
 @pytest.mark.parametrize(
