@@ -17,7 +17,7 @@ class Outcome:
 
 
 class Load:
-    """``threads`` threads calling ``call()`` back to back until the ``with`` block ends (or 60 s).
+    """``threads`` threads calling ``call()`` back to back until the ``with`` block ends (or 120 s).
 
     An exception from ``call`` does not end its thread: it is kept as a ``"raised Type: message"`` outcome.
     """
@@ -30,7 +30,7 @@ class Load:
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # a safety net: the tests end their blocks far sooner
         while not self._stop.is_set() and time.monotonic() < deadline:
             started = time.monotonic()
             try:
