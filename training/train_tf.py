@@ -30,8 +30,7 @@ import tensorflow as tf
 
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
-from training import mnist_data, recipe
-from training.cli_help import DefaultsHelpFormatter
+from training import cli, mnist_data, recipe
 from training.model_tf import build_model, export_saved_model, normalize
 
 log = logging.getLogger("train_tf")
@@ -53,22 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m training.train_tf",
         description="Train the MNIST CNN with TensorFlow/Keras and export a SavedModel.",
-        formatter_class=DefaultsHelpFormatter,
+        formatter_class=cli.DefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--epochs", type=_positive_int, default=recipe.DEFAULT_EPOCHS, help="passes over the training set"
-    )
-    parser.add_argument(
-        "--batch-size", type=_positive_int, default=recipe.DEFAULT_BATCH_SIZE, help="images per step and replica"
-    )
-    parser.add_argument(
-        "--lr",
-        type=_positive_float,
-        default=None,
-        help="peak learning rate of the one-cycle schedule (default: 0.003 for adam, 0.05 for sgd, as train_torch)",
-    )
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="Adam, or SGD with momentum")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (--optimizer sgd only)")
+    cli.add_recipe_arguments(parser, batch_size_help="images per step and replica")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, dropout, shuffling)")
     parser.add_argument(
         "--device",
@@ -95,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "models", help="models root")
     parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / "runs", help="TensorBoard root")
     parser.add_argument(
-        "--version", type=_positive_int, default=None, help="version to export (default: the next free one)"
+        "--version", type=cli.positive_int, default=None, help="version to export (default: the next free one)"
     )
     parser.add_argument(
         "--quick",
@@ -108,43 +94,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do nothing if the model is already exported (--version if given, else any version)",
     )
-    # --quick changes defaults; values given explicitly still win.
-    quick_flag = argparse.ArgumentParser(add_help=False)
-    quick_flag.add_argument("--quick", action="store_true")
-    if quick_flag.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK_DEFAULTS)
+    if cli.quick_requested(argv):
+        parser.set_defaults(**QUICK_DEFAULTS)  # defaults only: values given explicitly still win
     args = parser.parse_args(argv)
-    if args.optimizer == "adam" and args.momentum != parser.get_default("momentum"):
-        parser.error("--momentum applies to --optimizer sgd only")
-    if args.lr is None:
-        args.lr = recipe.DEFAULT_LR[args.optimizer]
+    cli.check_recipe_arguments(parser, args)
     if args.num_threads < 0:
         parser.error(f"--num-threads {args.num_threads}: expected 0 (TensorFlow's default) or a positive count")
     if args.log_interval < 0:
         parser.error(f"--log-interval {args.log_interval}: expected 0 or a positive number of steps")
-    if not 0.0 <= args.momentum < 1.0:
-        parser.error(f"--momentum {args.momentum}: expected a value in [0, 1)")
     return args
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value}: expected a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{value}: expected a positive number")
-    return value
 
 
 # --- devices and distribution -------------------------------------------------------------------

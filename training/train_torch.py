@@ -39,8 +39,7 @@ from tqdm import tqdm
 
 from mnist_client import contract
 from serving.model_repository import list_versions, model_base_path
-from training import mnist_data, recipe
-from training.cli_help import DefaultsHelpFormatter
+from training import cli, mnist_data, recipe
 from training.model_torch import Net, export_torchscript, select_device
 
 log = logging.getLogger("train_torch")
@@ -53,27 +52,6 @@ QUICK_EPOCHS = 1
 SAMPLE_IMAGES = 16  # test images shown with their predictions in TensorBoard
 BATCH_LOG_EVERY = 50  # steps between per-batch TensorBoard scalars
 EVAL_BATCH_SIZE = 1000
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected 0 or a positive integer")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text}: expected a positive number")
-    return value
 
 
 def device_spec(text: str) -> str:
@@ -91,26 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.train_torch",
         description="Train the MNIST CNN in PyTorch and export it as TorchScript.",
-        formatter_class=DefaultsHelpFormatter,
+        formatter_class=cli.DefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--epochs", type=positive_int, default=recipe.DEFAULT_EPOCHS, help="passes over the training set"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=recipe.DEFAULT_BATCH_SIZE, help="images per step (per process)"
-    )
-    parser.add_argument(
-        "--lr", type=positive_float, default=None, help="peak learning rate (default: 0.003 for adam, 0.05 for sgd)"
-    )
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam, or sgd with momentum")
-    parser.add_argument("--momentum", type=float, default=0.9, help="momentum for --optimizer sgd")
+    cli.add_recipe_arguments(parser, batch_size_help="images per step (per process)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, shuffling, dropout)")
     parser.add_argument(
         "--device", type=device_spec, default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
     )
     parser.add_argument(
         "--num-threads",
-        type=non_negative_int,
+        type=cli.non_negative_int,
         default=0,
         help="intra-op CPU threads per process; 0 = the CPUs available divided by the local processes",
     )
@@ -125,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-name", default=None, help="TensorBoard run name (default: timestamp and settings)")
     parser.add_argument(
         "--log-interval",
-        type=non_negative_int,
+        type=cli.non_negative_int,
         default=100,
         help="log the running loss every N steps when no progress bar is shown (output not a terminal); "
         "0: per epoch only",
     )
-    parser.add_argument("--version", type=positive_int, default=None, help="version to export (default: next free)")
+    parser.add_argument("--version", type=cli.positive_int, default=None, help="version to export (default: next free)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -381,16 +349,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, log to TensorBoard, export; return a summary (``export_path`` is set on rank 0 only)."""
     started = time.perf_counter()
     parser = build_parser()
-    quick = argparse.ArgumentParser(add_help=False)
-    quick.add_argument("--quick", action="store_true")
-    if quick.parse_known_args(argv)[0].quick:
+    if cli.quick_requested(argv):
         parser.set_defaults(epochs=QUICK_EPOCHS)  # a default only: an explicit --epochs still wins
     args = parser.parse_args(argv)
-    if not 0.0 <= args.momentum < 1.0:
-        parser.error(f"--momentum {args.momentum}: expected a value in [0, 1)")
-    if args.optimizer == "adam" and args.momentum != parser.get_default("momentum"):
-        parser.error("--momentum applies to --optimizer sgd only")
-    lr = args.lr if args.lr is not None else recipe.DEFAULT_LR[args.optimizer]
+    cli.check_recipe_arguments(parser, args)
+    lr = args.lr
     info = DistInfo.from_env()
 
     existing = _existing_export(args.output_dir, args.version)
