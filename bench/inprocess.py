@@ -40,6 +40,7 @@ from bench.results import write_result
 from mnist_client import contract
 from serving.model_repository import latest_version
 from training import mnist_data
+from training.cli import positive_int
 
 log = logging.getLogger("bench.inprocess")
 
@@ -273,16 +274,6 @@ def _tf_threads() -> dict[str, int | str]:
 # --- command line ------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value}: expected a positive integer")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.inprocess",
@@ -291,15 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results", help="JSON goes here")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models", help="models root (latest versions)")
-    parser.add_argument("--calls-1", type=_positive_int, default=DEFAULT_CALLS[1], help="timed calls at batch 1")
-    parser.add_argument("--calls-64", type=_positive_int, default=DEFAULT_CALLS[64], help="timed calls at batch 64")
+    parser.add_argument("--calls-1", type=positive_int, default=DEFAULT_CALLS[1], help="timed calls at batch 1")
+    parser.add_argument("--calls-64", type=positive_int, default=DEFAULT_CALLS[64], help="timed calls at batch 64")
     parser.add_argument(
-        "--calls-256", type=_positive_int, default=DEFAULT_CALLS[THROUGHPUT_BATCH], help="timed calls at batch 256"
+        "--calls-256", type=positive_int, default=DEFAULT_CALLS[THROUGHPUT_BATCH], help="timed calls at batch 256"
     )
-    parser.add_argument("--torch-threads", type=_positive_int, default=1, help="torch intra-op threads")
+    parser.add_argument("--torch-threads", type=positive_int, default=1, help="torch intra-op threads")
     parser.add_argument(
         "--tf-threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="pin TensorFlow's intra/inter-op pools (default: TensorFlow's own, one thread per core)",
     )

@@ -29,6 +29,7 @@ import numpy as np
 from bench.results import write_result
 from mnist_client import contract
 from training import mnist_data
+from training.cli import positive_int
 
 log = logging.getLogger("bench.train_throughput")
 
@@ -36,13 +37,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME = "train_throughput"
 FRAMEWORKS = ("pytorch", "tensorflow")
 LEARNING_RATE = 1e-3  # does not change the cost of a step; any sane value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
-    return value
 
 
 def _available_cpus() -> int:
@@ -59,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--models-dir", type=Path, default=REPO_ROOT / "models", help="unused; accepted because bench.run_all passes it"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=128, help="images per step, both frameworks")
-    parser.add_argument("--steps", type=_positive_int, default=20, help="training steps per timed window")
-    parser.add_argument("--warmup-steps", type=_positive_int, default=5, help="untimed steps first, per framework")
-    parser.add_argument("--repeats", type=_positive_int, default=3, help="timed windows per framework (median kept)")
-    parser.add_argument("--threads", type=_positive_int, default=_available_cpus(), help="intra-op threads, both")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step, both frameworks")
+    parser.add_argument("--steps", type=positive_int, default=20, help="training steps per timed window")
+    parser.add_argument("--warmup-steps", type=positive_int, default=5, help="untimed steps first, per framework")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed windows per framework (median kept)")
+    parser.add_argument("--threads", type=positive_int, default=_available_cpus(), help="intra-op threads, both")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: as training.mnist_data resolves it)")
     return parser
 
