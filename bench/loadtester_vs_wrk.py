@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from mnist_client import contract
+from mnist_client.cpus import usable_cpus
 from mnist_client.loadtest import LoadTestConfig, parse_target, run
 from mnist_client.loadtest.payload import build_payload, load_test_set
 from bench.wrk import whole_seconds
@@ -174,7 +175,7 @@ def bench_rest(models_dir: Path, duration_s: int, repeats: int, high: int, workd
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install -y wrk)")
     port = free_port()
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = usable_cpus()
     server = start_rest_server(models_base, port, workers)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -49,6 +49,7 @@ import psutil
 from bench.wrk import whole_seconds
 from bench.inprocess import DEFAULT_CALLS, measure_torch, mnist_test_images, model_only_ceiling, throughput
 from mnist_client import contract
+from mnist_client.cpus import usable_cpus
 from serving.model_repository import latest_version, model_base_path
 from stack.processes import free_port, stop_process
 
@@ -256,11 +257,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result_floor_server = {"batch_size": BATCH, **server_model}
 
     server_env = {} if args.workers is None else {"MNIST_REST_WORKERS": str(args.workers)}
-    workers = args.workers or len(os.sched_getaffinity(0))
+    workers = args.workers or usable_cpus()  # gunicorn_conf.py's default
     result: dict[str, Any] = {
         "model": {"base_path": str(base), "version": version},
         # Other work on a shared machine inflates every figure; the load average says how much there was.
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "wrk_threads": 1, "load_average_start": os.getloadavg()},
+        "machine": {"cpus": usable_cpus(), "wrk_threads": 1, "load_average_start": os.getloadavg()},
         "duration_s": args.duration,
         "workers": workers,
         "floor": floor,

@@ -28,6 +28,7 @@ import numpy as np
 
 from bench.results import write_result
 from mnist_client import contract
+from mnist_client.cpus import usable_cpus
 from training import mnist_data
 from training.cli import positive_int
 
@@ -37,10 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME = "train_throughput"
 FRAMEWORKS = ("pytorch", "tensorflow")
 LEARNING_RATE = 1e-3  # does not change the cost of a step; any sane value
-
-
-def _available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=positive_int, default=20, help="training steps per timed window")
     parser.add_argument("--warmup-steps", type=positive_int, default=5, help="untimed steps first, per framework")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed windows per framework (median kept)")
-    parser.add_argument("--threads", type=positive_int, default=_available_cpus(), help="intra-op threads, both")
+    parser.add_argument("--threads", type=positive_int, default=usable_cpus(), help="intra-op threads, both")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: as training.mnist_data resolves it)")
     return parser
 
@@ -198,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup_steps": args.warmup_steps,
         "repeats": args.repeats,
         "threads": args.threads,
-        "cpus": _available_cpus(),
+        "cpus": usable_cpus(),
         "platform": platform.platform(),
         # Other work on the machine skews both; PyTorch's OpenMP threads suffer most from oversubscription.
         "load_average_1min": {"before": load_before, "after": _load_average()},

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port
+from mnist_client.cpus import usable_cpus
 from mnist_client.grpc_client import GrpcClient
 from mnist_client.loadtest import LoadTestConfig, parse_target, run
 from mnist_client.rest import RestClient
@@ -114,7 +115,7 @@ def test_demo_trains_both_missing_models_at_once_with_prefixed_progress(tmp_path
     torch_lines = [line for line in lines if line.startswith("[pytorch] ")]
     tf_lines = [line for line in lines if line.startswith("[tensorflow] ")]
     # Both ran, each pinned to half of the cores (at least one thread).
-    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    threads = max(1, usable_cpus() // 2)
     assert any(f"{threads} threads" in line for line in torch_lines), torch_lines[-5:]
     assert any(f"CPU threads {threads}" in line for line in tf_lines), tf_lines[-5:]
     assert any("done in" in line for line in torch_lines) and any("summary:" in line for line in tf_lines)

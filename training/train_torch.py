@@ -38,6 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mnist_client import contract
+from mnist_client.cpus import usable_cpus
 from serving.model_repository import list_versions, model_base_path
 from training import cli, mnist_data, recipe
 from training.model_torch import Net, export_torchscript, select_device
@@ -312,8 +313,7 @@ class TensorBoardLog:
 def _num_threads(requested: int, info: DistInfo) -> int:
     if requested > 0:
         return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // info.local_world_size)
+    return max(1, usable_cpus() // info.local_world_size)
 
 
 def _existing_export(models_root: Path, version: int | None) -> Path | None:
