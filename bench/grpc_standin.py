@@ -50,6 +50,7 @@ import numpy as np
 from bench.inprocess import model_only_ceiling
 from bench.results import write_result
 from mnist_client import contract
+from mnist_client.cpus import usable_cpus
 from serving.model_repository import latest_version, model_base_path
 from stack.processes import free_port, stop_process
 
@@ -407,17 +408,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         measured = {label: run_config(pool, base_path, label, flags, args, processes_for)
                     for label, flags in configurations.items()}
 
+    cpus = usable_cpus()
     result = {
         "benchmark": NAME,
         "model": {"base_path": str(base_path), "version": version},
         "images": "MNIST test set (real), float32 pixel/255 as tensor_content",
         "client": "bare grpcio loop, official tensorflow-serving-api stubs, closed loop, threads in spawned "
                   "processes",
-        "cpus": os.cpu_count(),
+        "cpus": cpus,
         "in_process": floor,
         "configurations": measured,
         "targets": {label: evaluate(config, floor["batch_256_images_per_second"],
-                                    floor["batch_1_one_thread_median_ms"], os.cpu_count() or 1)
+                                    floor["batch_1_one_thread_median_ms"], cpus)
                     for label, config in measured.items()},
         "target_values": TARGETS,
     }

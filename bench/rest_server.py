@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.wrk import whole_seconds
 from bench.inprocess import DEFAULT_CALLS, measure_torch, mnist_test_images, model_only_ceiling, throughput
+from bench.wrk import whole_seconds
 from mnist_client import contract
 from mnist_client.cpus import usable_cpus
 from serving.model_repository import latest_version, model_base_path
@@ -257,11 +257,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result_floor_server = {"batch_size": BATCH, **server_model}
 
     server_env = {} if args.workers is None else {"MNIST_REST_WORKERS": str(args.workers)}
-    workers = args.workers or usable_cpus()  # gunicorn_conf.py's default
+    cpus = usable_cpus()
+    workers = args.workers or cpus  # gunicorn_conf.py's default
     result: dict[str, Any] = {
         "model": {"base_path": str(base), "version": version},
         # Other work on a shared machine inflates every figure; the load average says how much there was.
-        "machine": {"cpus": usable_cpus(), "wrk_threads": 1, "load_average_start": os.getloadavg()},
+        "machine": {"cpus": cpus, "wrk_threads": 1, "load_average_start": os.getloadavg()},
         "duration_s": args.duration,
         "workers": workers,
         "floor": floor,
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with gunicorn(base, folder / "default.log", **server_env) as server:
             _, expected = floor_classes(base, images[:64])
             check_predictions(server.url, images[:64], expected)
-            run_wrk(server, single, SINGLE_BODIES, "application/json", 4, 1.0)  # warm-up
+            run_wrk(server, single, SINGLE_BODIES, "application/json", 4, 1)  # warm-up
             single_runs = {}
             for concurrency in CONCURRENCIES:
                 run = run_wrk(server, single, SINGLE_BODIES, "application/json", concurrency, args.duration)
@@ -378,7 +379,7 @@ def floor_classes(base: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return predict(np.ascontiguousarray(images))
 
 
-def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str, str], duration: float) -> dict:
+def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str, str], duration: int) -> dict:
     """Single-image JSON at concurrency 1 and 16 on sync workers (the default), gthread workers with one
     and with eight threads (keep-alive connections), and gthread with micro-batching. Each run also
     records how many requests each worker answered (from the access log): gthread workers keep the
@@ -399,7 +400,7 @@ def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str,
         log_path = folder / f"{name}.log"
         access_log = log_path.with_suffix(".access.log")
         with gunicorn(base, log_path, **server_env, **env) as server:
-            run_wrk(server, single, SINGLE_BODIES, "application/json", 16, 1.0)  # warm-up
+            run_wrk(server, single, SINGLE_BODIES, "application/json", 16, 1)  # warm-up
             runs[name] = {"env": env}
             for concurrency in (1, 16):
                 already = len(access_log.read_text().splitlines())

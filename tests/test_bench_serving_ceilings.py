@@ -1,5 +1,5 @@
-"""The serving benchmarks' model-only ceilings, their wrk durations, and bench.grpc_standin end to end on the
-fixture model.
+"""The serving benchmarks' model-only ceilings, their wrk durations, and bench.grpc_standin and
+bench.rest_server (where wrk is installed) end to end on the fixture model.
 
 Short runs: these check that the benchmark measures and reports what it says, not how fast anything is.
 """
@@ -7,6 +7,7 @@ Short runs: these check that the benchmark measures and reports what it says, no
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,21 @@ def test_grpc_standin_bench_reports_floors_configurations_and_ceiling(model_repo
             result["cpus"], floor["batch_1_one_thread_median_ms"], c16["client_cpu_us_per_call"]
         )
         assert ceiling == expected
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="bench.rest_server drives wrk (Debian package wrk)")
+def test_rest_server_bench_reports_floor_healthz_and_ceiling(model_repo: Path, tmp_path: Path) -> None:
+    result = rest_server.main([
+        "--models-dir", str(model_repo), "--output-dir", str(tmp_path), "--duration", "1", "--no-batching-sweep",
+    ])  # fmt: skip
+    assert json.loads((tmp_path / "rest_server.json").read_text()) == json.loads(json.dumps(result))
+
+    for run in (*result["single_image_json"].values(), result["healthz_c1"], *result["batch_256"].values()):
+        assert run["errors"] == 0 and run["requests"] > 0
+    floor_ms = result["floor"]["latency"]["1"]["median_ms"]
+    healthz = result["healthz_c1"]
+    assert healthz["p50_plus_model_ms"] == pytest.approx(healthz["p50_ms"] + floor_ms, abs=1e-3)
+    c16 = result["single_image_json"]["16"]
+    assert result["targets"]["rps_c16_model_ceiling"] == model_only_ceiling(
+        result["machine"]["cpus"], floor_ms, c16["wrk_cpu_us_per_request"]
+    )
