@@ -772,7 +772,12 @@ def test_tfserving_entrypoint_refuses_to_start_without_its_ports(tmp_path: Path)
 def _loadtest_entrypoint(tmp_path: Path, reports: Path, as_nobody: bool) -> subprocess.CompletedProcess:
     _fake_command(tmp_path, "mnist-loadtest")
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "LOADTEST_REPORTS_DIR": str(reports)}
-    command = ["bash", str(REPO / "docker" / "loadtest-entrypoint.sh"), "run", "--rest", "http://x:8080"]
+    script = REPO / "docker" / "loadtest-entrypoint.sh"
+    if as_nobody:
+        # The checkout may sit where that user cannot enter (a clone in a 0700 home): run a copy.
+        script = Path(shutil.copy(script, tmp_path / script.name))
+        script.chmod(0o644)
+    command = ["bash", str(script), "run", "--rest", "http://x:8080"]
     if as_nobody:
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=20, check=False)
@@ -788,7 +793,8 @@ def test_loadtest_entrypoint_passes_its_arguments_to_the_load_tester(tmp_path: P
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to switch user")
 def test_loadtest_entrypoint_stops_at_once_when_reports_are_not_writable() -> None:
-    # Outside pytest's private tmp tree, so the unprivileged user can reach the folder and the fake.
+    # Outside pytest's private tmp tree, so the unprivileged user can reach the folder, the fake and the
+    # entrypoint's copy.
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(scratch)
         base.chmod(0o755)
