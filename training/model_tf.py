@@ -3,7 +3,8 @@
 Same network as ``training/model_torch.py`` (a test checks the parameter
 counts match). The export wraps the Keras model in a ``tf.Module`` whose
 ``serving_default`` signature is exactly the model contract, with the
-normalisation inside, and writes TF Serving warm-up records.
+normalisation inside, writes TF Serving warm-up records, and converts it to
+TFLite (``model.tflite`` beside it, checked against the SavedModel's classes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tensorflow as tf
 from mnist_client import contract
 from serving.model_repository import model_base_path, publish_version
 from training.export_common import base_metadata, verify_export
+from training.tflite_model import check_against_saved_model, convert_saved_model
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,9 @@ def export_saved_model(
     """Save ``model`` with the contract signature and publish it as a new version.
 
     The SavedModel is loaded back and checked against the in-memory model on the
-    given test images (same classes, probabilities within 1e-5) before publishing.
+    given test images (same classes, probabilities within 1e-5) before publishing;
+    its TFLite conversion must give the SavedModel's class on at least 99.9% of them
+    (``training.tflite_model.MIN_AGREEMENT``), else nothing is published.
     """
     module = ServingModule(model)
     base = model_base_path(models_root, contract.TF_FRAMEWORK_DIR, contract.MODEL_NAME)
@@ -127,6 +131,11 @@ def export_saved_model(
         got_probs, got_classes = predict_with(loaded, test_images)
         verify_export(ref_probs, ref_classes, got_probs, got_classes)
         accuracy = float(np.mean(got_classes == test_labels))
+        # TensorFlow's mobile path, checked against the SavedModel's classes before anything is published.
+        convert_saved_model(staging, staging / contract.TFLITE_FILENAME)
+        tflite = check_against_saved_model(
+            staging / contract.TFLITE_FILENAME, test_images, test_labels, got_probs, got_classes
+        )
         metadata = base_metadata(
             version=chosen,
             framework="tensorflow",
@@ -135,9 +144,18 @@ def export_saved_model(
             parameters=model.count_params(),
             test_accuracy=accuracy,
             test_examples=len(test_labels),
-            extra=extra_metadata,
+            extra={"tflite": tflite.as_metadata(), **(extra_metadata or {})},
         )
         (staging / contract.METADATA_FILENAME).write_text(json.dumps(metadata, indent=2) + "\n")
     final = base / str(chosen)
-    log.info("exported SavedModel version %d to %s (test accuracy %.4f)", chosen, final, accuracy)
+    log.info(
+        "exported SavedModel version %d to %s (test accuracy %.4f); TFLite beside it: accuracy %.4f, "
+        "classes agree with the SavedModel on %.2f%% of %d images",
+        chosen,
+        final,
+        accuracy,
+        tflite.test_accuracy,
+        100 * tflite.agreement_with_saved_model,
+        tflite.test_examples,
+    )
     return final

@@ -44,6 +44,7 @@ TORCHSCRIPT_FILENAME: Final = "model.pt"
 METADATA_FILENAME: Final = "model.json"
 SAVED_MODEL_FILENAME: Final = "saved_model.pb"
 WARMUP_RELATIVE_PATH: Final = "assets.extra/tf_serving_warmup_requests"
+TFLITE_FILENAME: Final = "model.tflite"  # beside saved_model.pb: the same model as float32 TFLite
 
 # Network interfaces (defaults; every server and client lets them be overridden).
 REST_PORT: Final = 8080
