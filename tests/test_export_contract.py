@@ -18,6 +18,7 @@ import tensorflow as tf
 import torch
 from tensorflow.core.framework import types_pb2
 
+from conftest import MNIST_DATASET_CHECKSUM
 from mnist_client import contract
 from serving.model_repository import list_versions, model_base_path, publish_version
 from training import mnist_data, model_tf, model_torch
@@ -200,7 +201,7 @@ def test_model_json_describes_the_model(
     assert metadata["normalization"] == {"mean": contract.NORMALIZE_MEAN, "std": contract.NORMALIZE_STD}
     assert metadata["parameters"] == EXPECTED_PARAMETERS
     assert 0.8 < metadata["test_accuracy"] <= 1.0
-    assert metadata["data_checksum"] == mnist_data.dataset_checksum(mnist_data.resolve_data_dir())
+    assert metadata["data_checksum"] == MNIST_DATASET_CHECKSUM
     assert datetime.fromisoformat(metadata["created"]).tzinfo is not None
 
 

@@ -97,8 +97,8 @@ def test_thresholds_are_validated():
     assert not Thresholds().any() and Thresholds(min_accuracy=0.9).any()
 
 
-def test_mnist_files_are_found_or_named(tmp_path: Path, monkeypatch):
-    assert load_test_set(limit=3).images.shape == (3, 28, 28)
+def test_mnist_files_are_found_or_named(tmp_path: Path, monkeypatch, mnist_dir: Path):
+    assert load_test_set(mnist_dir, limit=3).images.shape == (3, 28, 28)
     with pytest.raises(DataError, match=r"lacks the MNIST test files; expected t10k-images-idx3-ubyte.gz"):
         find_mnist_dir(tmp_path)
     monkeypatch.setenv("MNIST_DATA_DIR", str(tmp_path))

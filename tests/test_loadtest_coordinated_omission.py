@@ -26,8 +26,8 @@ def slow_requests(measurement) -> int:
 
 
 @pytest.fixture(scope="module")
-def oracle():
-    test_set = load_test_set(limit=50)
+def oracle(mnist_dir):
+    test_set = load_test_set(mnist_dir, limit=50)
     return Oracle(test_set.images, test_set.labels)
 
 

@@ -26,8 +26,8 @@ IMAGES = 60
 
 
 @pytest.fixture(scope="module")
-def test_set():
-    return load_test_set(limit=IMAGES)
+def test_set(mnist_dir):
+    return load_test_set(mnist_dir, limit=IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,7 @@ def _report_from_samples(samples: list[int], errors: int, predictions: dict[int,
     batch.errors.extend([("unavailable", "UNAVAILABLE", "refused")] * errors)
     reporter.add(batch)
     reporter.current.windows.append(window)
+    reporter.end()
     return reporter.report({"source": "samples"})
 
 

@@ -19,8 +19,8 @@ IMAGES = 100  # distinct test images in every payload: small, fast to encode, st
 
 
 @pytest.fixture(scope="module")
-def test_set():
-    return load_test_set(limit=IMAGES)
+def test_set(mnist_dir):
+    return load_test_set(mnist_dir, limit=IMAGES)
 
 
 def config(*targets, **overrides) -> LoadTestConfig:

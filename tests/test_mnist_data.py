@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import http.server
 import re
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import MNIST_DATASET_CHECKSUM, free_port
 from mnist_client import contract
 from training import mnist_data
 from training.mnist_data import FILES, MnistDataError
@@ -23,9 +22,9 @@ TEST_IMAGES, TEST_LABELS = mnist_data.SPLITS["test"]
 
 
 @pytest.fixture(scope="module")
-def real_dir() -> Path:
-    """The directory the loader resolves to here (the shared copy or $MNIST_DATA_DIR)."""
-    return mnist_data.resolve_data_dir()
+def real_dir(mnist_dir: Path) -> Path:
+    """The real files (conftest's ``mnist_dir``: $MNIST_DATA_DIR or the shared copy)."""
+    return mnist_dir
 
 
 def at(path: Path) -> str:
@@ -73,8 +72,7 @@ def test_scaled_images_follow_the_contract(mnist_test: mnist_data.Split) -> None
 
 
 def test_dataset_checksum_is_derived_from_the_four_md5s(real_dir: Path) -> None:
-    expected = hashlib.md5("".join(FILES[name][0] for name in sorted(FILES)).encode()).hexdigest()
-    assert mnist_data.dataset_checksum(real_dir) == expected
+    assert mnist_data.dataset_checksum(real_dir) == MNIST_DATASET_CHECKSUM
 
 
 def test_data_dir_env_var_is_used_and_an_explicit_dir_wins(

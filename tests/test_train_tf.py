@@ -23,10 +23,11 @@ WORKERS_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> tuple[dict[str, Any], Path, Path]:
     """One --quick training run shared by the tests below: (summary, models root, log root)."""
     models, logs = tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("runs")
-    summary = train_tf.main(["--quick", "--output-dir", str(models), "--log-dir", str(logs), "--version", "2"])
+    summary = train_tf.main(["--quick", "--data-dir", str(mnist_dir), "--output-dir", str(models),
+                             "--log-dir", str(logs), "--version", "2"])
     return summary, models, logs
 
 
@@ -156,7 +157,7 @@ def test_malformed_tf_config_is_a_clear_error(
 
 
 @pytest.mark.slow
-def test_two_workers_train_with_multi_worker_mirrored_strategy(tmp_path: Path) -> None:
+def test_two_workers_train_with_multi_worker_mirrored_strategy(tmp_path: Path, mnist_dir: Path) -> None:
     """Two local processes under TF_CONFIG: both exit 0, only the chief publishes, the worker cleans up."""
     models, logs, scratch = tmp_path / "models", tmp_path / "runs", tmp_path / "scratch"
     scratch.mkdir()
@@ -164,7 +165,7 @@ def test_two_workers_train_with_multi_worker_mirrored_strategy(tmp_path: Path) -
     while len(ports) < 2:
         ports.add(free_port())
     cluster = {"worker": [f"127.0.0.1:{port}" for port in sorted(ports)]}
-    command = [sys.executable, "-m", "training.train_tf", "--quick"]
+    command = [sys.executable, "-m", "training.train_tf", "--quick", "--data-dir", str(mnist_dir)]
     command += ["--output-dir", str(models), "--log-dir", str(logs)]
     workers, log_files = [], [tmp_path / f"worker{i}.log" for i in range(2)]
     for index, log_file in enumerate(log_files):

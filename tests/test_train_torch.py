@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MNIST_DATASET_CHECKSUM
 from mnist_client import contract
 from serving.model_repository import list_versions
 from training import mnist_data, recipe, train_torch
@@ -23,10 +24,11 @@ DDP_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> tuple[dict[str, Any], Path, Path]:
     """One --quick training run shared by the tests below: (summary, models root, log root)."""
     models, logs = tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("runs")
-    summary = train_torch.main(["--quick", "--output-dir", str(models), "--log-dir", str(logs), "--version", "3"])
+    summary = train_torch.main(["--quick", "--data-dir", str(mnist_dir), "--output-dir", str(models),
+                                "--log-dir", str(logs), "--version", "3"])
     return summary, models, logs
 
 
@@ -44,7 +46,7 @@ def test_quick_run_exports_a_verified_model_with_metadata(
     assert meta["test_examples"] == train_torch.QUICK_TEST_EXAMPLES
     assert meta["test_accuracy"] >= 0.85, "quick mode should be clearly above chance"
     assert meta["test_accuracy"] == summary["test_accuracy"]
-    assert meta["data_checksum"] == mnist_data.dataset_checksum(mnist_data.resolve_data_dir())
+    assert meta["data_checksum"] == MNIST_DATASET_CHECKSUM
     assert meta["epochs"] == 1 and meta["world_size"] == 1 and meta["device"] == "cpu"
     assert meta["train_examples"] == train_torch.QUICK_TRAIN_EXAMPLES
     assert meta["train_seconds"] > 0 and meta["images_per_second"] > 0
