@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mnist_client.loadtest.printers.charts import PERCENTILE_TICKS, line_chart, percentile_position
 from mnist_client.loadtest.report import Report
-from mnist_client.loadtest.stats import PERCENTILES, percentile_label
+from mnist_client.loadtest.stats import PERCENTILES, SPREAD_WARNING, Measurement, percentile_label
 
 _STYLE = """
 body{font-family:sans-serif;margin:24px;color:#222;max-width:1100px}
@@ -29,7 +29,11 @@ def _sweep_label(report: Report) -> tuple[str, str]:
     return ("intended rate (requests/s)", "rate") if mode == "open" else ("concurrency (requests in flight)", "conc")
 
 
-def _charts(report: Report) -> list[str]:
+def report_charts(report: Report) -> list[str]:
+    """The report's SVG charts (latency by percentile; throughput and p99 by sweep point when swept).
+
+    Public so that other views of a report (the web page's report view) draw the same charts.
+    """
     charts = []
     many_points = len({m.point for m in report.measurements}) > 1
     series = []
@@ -58,6 +62,21 @@ def _charts(report: Report) -> list[str]:
     return charts
 
 
+def _round_cells(m: Measurement) -> list[str]:
+    """Rounds, then the median and spread of req/s and p50 over them; a spread past the warning is marked."""
+    stats = m.round_stats()
+    cells = [f"<td>{len(m.rounds)}</td>"]
+    for figure, fmt in (("throughput_rps", "{:.1f}"), ("p50_ms", "{:.3f}")):
+        entry = stats.get(figure)
+        if entry is None:
+            cells.append("<td>-</td>")
+            continue
+        wide = len(m.rounds) > 1 and entry["spread"] > SPREAD_WARNING
+        cells.append(f'<td class="{"bad" if wide else ""}">{fmt.format(entry["median"])} '
+                     f'({100 * entry["spread"]:.0f}%)</td>')
+    return cells
+
+
 def format_html(
     report: Report,
     *,
@@ -69,8 +88,10 @@ def format_html(
     before the load-test summary (``make demo`` adds the training comparison this way)."""
     _, short = _sweep_label(report)
     open_loop = any(m.mode == "open" for m in report.measurements)
-    head = ["target", "protocol", short, "requests", "errors", "req/s", "images/s", *(["lag p99"] if open_loop else []),
-            *(percentile_label(p) for p in PERCENTILES), "max", "accuracy"]
+    repeated = any(len(m.rounds) > 1 for m in report.measurements)
+    head = ["target", "protocol", short, "requests", "errors", "req/s", "images/s",
+            *(["rounds", "req/s median (spread)", "p50 median (spread)"] if repeated else []),
+            *(["lag p99"] if open_loop else []), *(percentile_label(p) for p in PERCENTILES), "max", "accuracy"]
     rows = []
     for m in report.measurements:
         latency = m.latency_ms()
@@ -79,6 +100,7 @@ def format_html(
             f"<td>{m.point:g}</td>", f"<td>{m.requests}</td>",
             f'<td class="{"bad" if m.errors else ""}">{sum(m.errors.values())}</td>',
             f"<td>{m.throughput_rps:.1f}</td>", f"<td>{m.images_per_s:.1f}</td>",
+            *(_round_cells(m) if repeated else []),
             *([f"<td>{m.send_lag.value_at(99.0) / 1000.0:.3f}</td>"] if open_loop else []),
             *(f"<td>{latency[percentile_label(p)]:.3f}</td>" for p in PERCENTILES),
             f"<td>{latency['max']:.3f}</td>",
@@ -118,8 +140,14 @@ def format_html(
         parts.append(f"<tr><td class='l'>agreement {escape(pair.a)} vs {escape(pair.b)}</td>"
                      f"<td>{'-' if pair.rate is None else f'{pair.rate:.4f}'}</td><td>{pair.images}</td></tr>")
     parts.append("</table>")
+    flagged = [(m, flag) for m in report.measurements for flag in m.flags()]
+    if flagged:
+        items = "".join(f"<li>{escape(m.target)} at {m.point:g}: {escape(flag)}</li>" for m, flag in flagged)
+        parts.append("<h2>Flags</h2><p>Points whose figures may describe more than the server: a spread over "
+                     f"their rounds above {100 * SPREAD_WARNING:.0f}%, or CPU that something besides the server "
+                     f"used while it needed it.</p><ul>{items}</ul>")
     parts.append("<h2>Charts</h2>")
-    parts.extend(f"<div>{svg}</div>" for svg in _charts(report))
+    parts.extend(f"<div>{svg}</div>" for svg in report_charts(report))
     errors = [(m, code, n) for m in report.measurements for code, n in sorted(m.error_codes.items())]
     if errors:
         parts.append("<h2>Errors</h2><table><tr><th class='l'>target</th><th>point</th><th class='l'>kind/code</th>"
