@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure each target and sweep point this long (default 10 unless --requests)")
     amount.add_argument("--requests", type=int, metavar="N", help="measure each target and sweep point N requests")
     p.add_argument("--warmup", type=int, default=20, metavar="N", help="unmeasured calls before each measurement")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="measured rounds per target and sweep point, alternating between targets; the report "
+                        "gives each point's median and spread over its rounds and flags a spread above 20%%")
+    p.add_argument("--server-pid", action="append", default=[], metavar="NAME=PID",
+                   help="process id of the server behind target NAME (repeatable): each round then tells the "
+                        "server's CPU from the load tester's and other processes', and flags CPU taken from it")
     p.add_argument("--images-per-request", type=int, default=1, metavar="K")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per request")
     p.add_argument("--processes", type=int, metavar="N", help="worker processes (default: from load and CPUs)")
@@ -129,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
         duration_s=args.duration,
         requests=args.requests,
         warmup_requests=args.warmup,
+        repeats=args.repeats,
         images_per_request=args.images_per_request,
         timeout_s=args.timeout,
         processes=args.processes,
@@ -225,6 +232,19 @@ def _finish(report: Report, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def server_pids_from_args(args: argparse.Namespace, config: LoadTestConfig) -> dict[str, int]:
+    """``--server-pid NAME=PID`` items -> {target name: pid}, each naming a target of the run."""
+    names = {t.name for t in config.targets}
+    pids = {}
+    for item in args.server_pid:
+        name, sep, pid = item.partition("=")
+        if not sep or name not in names or not pid.isdigit() or int(pid) < 1:
+            raise ConfigError(f"--server-pid {item!r}: expected NAME=PID with NAME one of {sorted(names)} and PID "
+                              "a process id")
+        pids[name] = int(pid)
+    return pids
+
+
 def _command_run(args: argparse.Namespace, out: TextIO) -> int:
     config = config_from_args(args)
     thresholds_from_args(args)  # validate before spending minutes on the run
@@ -239,7 +259,7 @@ def _command_run(args: argparse.Namespace, out: TextIO) -> int:
 
     previous = signal.signal(signal.SIGINT, on_interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
-        report = run(config, progress=display, stop=stop)
+        report = run(config, progress=display, stop=stop, server_pids=server_pids_from_args(args, config))
     finally:
         if display is not None:
             display.close()

@@ -9,7 +9,9 @@ A :class:`LoadTestConfig` names one or more :class:`Target` servers and how to l
   intended send time, so a stalled server cannot hide the requests queued behind it.
 
 Each (target, sweep point) runs for ``duration_s`` seconds or ``requests`` requests after
-``warmup_requests`` excluded calls.
+``warmup_requests`` excluded calls, ``repeats`` times: the rounds of one sweep point alternate between
+the targets (A B A B ...), so that a disturbance of the machine falls on all of them alike, and the
+report gives each point's median and spread over its rounds.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ MNIST_TEST_IMAGES = 10_000
 # More in-flight requests than this per run is a misconfiguration, not a load test of this server.
 MAX_IN_FLIGHT_LIMIT = 65_536
 MAX_PROCESSES = 256
+MAX_REPEATS = 100
 DEFAULT_DURATION_S = 10.0
 
 
@@ -160,6 +163,7 @@ class LoadTestConfig:
     duration_s: float | None = None  # per (target, sweep point); DEFAULT_DURATION_S unless ``requests`` is given
     requests: int | None = None  # per (target, sweep point), instead of a duration
     warmup_requests: int = 20  # per (target, sweep point), sent before measuring, never counted
+    repeats: int = 1  # measured rounds per (target, sweep point), interleaved between targets: A B A B ...
     images_per_request: int = 1
     timeout_s: float = 10.0  # per request
     processes: int | None = None  # worker processes; None: enough for the load, at most the CPU count
@@ -214,6 +218,7 @@ class LoadTestConfig:
         if self.requests is not None:
             _check_int("requests", self.requests, 1, None)
         _check_int("warmup_requests", self.warmup_requests, 0, None)
+        _check_int("repeats", self.repeats, 1, MAX_REPEATS)
         _check_int("images_per_request", self.images_per_request, 1, MNIST_TEST_IMAGES)
         if not _is_number(self.timeout_s) or not self.timeout_s > 0:
             raise ConfigError(f"timeout_s {self.timeout_s!r}: expected a number of seconds > 0")

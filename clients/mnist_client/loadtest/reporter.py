@@ -30,12 +30,29 @@ class Reporter:
         self._image_indices: tuple[tuple[int, ...], ...] = ()
 
     def begin(self, measurement: Measurement, image_indices: tuple[tuple[int, ...], ...]) -> Measurement:
-        """Start counting into ``measurement``; ``image_indices[p]`` are the test images of payload ``p``."""
-        self.measurements.append(measurement)
+        """Start counting one round into ``measurement``; ``image_indices[p]`` are the test images of payload ``p``.
+
+        A round of a (target, point) already measured is counted on its own and folded into that point's
+        measurement by :meth:`end`, so that every round keeps its own figures beside the total.
+        """
         self.predictions.setdefault(measurement.target, empty_predictions())
         self._current = measurement
         self._image_indices = image_indices
         return measurement
+
+    def end(self, cpu: dict[str, Any] | None = None) -> Measurement:
+        """Close the current round (``cpu``: who used the CPU meanwhile); returns its point's measurement."""
+        round_ = self.current
+        self._current = None
+        summary = round_.round_summary(cpu)
+        for point in self.measurements:
+            if point.key == round_.key:
+                point.add(round_)
+                point.rounds.append(summary)
+                return point
+        round_.rounds.append(summary)
+        self.measurements.append(round_)
+        return round_
 
     @property
     def current(self) -> Measurement:

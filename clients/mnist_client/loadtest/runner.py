@@ -1,8 +1,9 @@
 """``run(config) -> Report``: the library entry point that the CLI is a thin layer over.
 
-For each sweep point, each target in turn (so that targets never compete for the machine and the
-side-by-side figures are fair): warm-up calls on every worker (not counted), a common start time,
-the measured phase, and its records into the reporter. Before anything else, every target must
+For each sweep point, each round (``repeats``), each target in turn (so that targets never compete for
+the machine, and a disturbance of the machine falls on every target alike): warm-up calls on every
+worker (not counted), a common start time, the measured phase, its records into the reporter, and
+who used the CPU meanwhile (the server, the load tester, anything else; see ``cpu_usage``). Before anything else, every target must
 answer one real prediction through the client library, so that a wrong address or a server that is
 down fails in a second with a clear message instead of filling a report with errors.
 """
@@ -13,10 +14,11 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mnist_client.errors import MnistClientError
+from mnist_client.loadtest import cpu_usage
 from mnist_client.loadtest.config import LoadTestConfig, Target
 from mnist_client.loadtest.errors import LoadTestError, TargetUnreachableError
 from mnist_client.loadtest.pacer import share
@@ -58,11 +60,14 @@ def run(
     *,
     progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
+    server_pids: Mapping[str, int] | None = None,
 ) -> Report:
     """Load every target of ``config`` at every sweep point and return the report.
 
     ``progress`` is called from this thread while phases run. Setting ``stop`` ends the current phase
     early (in-flight requests finish) and skips the rest; the report then holds what was measured.
+    ``server_pids`` maps target names to the process id of the server behind them (its descendants
+    count too), so each round can tell the server's CPU from everything else's.
     Raises :class:`~mnist_client.loadtest.errors.LoadTestError` subclasses for unusable settings, data
     or targets.
     """
@@ -72,7 +77,7 @@ def run(
         preflight(target, config, test_set)
 
     reporter = Reporter(test_set.labels)
-    phases = [(point, target) for point in config.points for target in config.targets]
+    phases = [(point, target) for point in config.points for _ in range(config.repeats) for target in config.targets]
     workers_needed = max(config.worker_processes(point) for point in config.points)
     offsets = {target.name: 0 for target in config.targets}
     with WorkerPool() as pool:
@@ -93,8 +98,9 @@ def run(
                 ),
                 payloads[target.name].image_indices,
             )
-            _run_phase(pool, config, target, point, len(payloads[target.name]), offsets[target.name], reporter,
-                       measurement, progress, stop, number, len(phases))
+            cpu = _run_phase(pool, config, target, point, len(payloads[target.name]), offsets[target.name],
+                             reporter, measurement, progress, stop, number, len(phases), server_pids or {})
+            reporter.end(cpu)
             # The next sweep point carries on through the images where this one's measured requests stopped.
             offsets[target.name] += measurement.requests
     return reporter.report(config.to_dict())
@@ -166,7 +172,9 @@ def _run_phase(
     stop: threading.Event | None,
     number: int,
     phases: int,
-) -> None:
+    server_pids: Mapping[str, int],
+) -> dict[str, float | int | None]:
+    """Warm up, then measure one round; returns who used the CPU during the measured part."""
     workers = config.worker_processes(point)
     indices = list(range(workers))
     in_flight = config.in_flight(point)
@@ -182,6 +190,7 @@ def _run_phase(
     if config.mode == "open":
         open_total = config.requests if config.requests is not None else math.ceil(point * config.duration_s)
         measurement.scheduled = open_total
+    cpu_before = cpu_usage.snapshot(server_pids)
     for i in indices:
         plan = Plan(
             mode=config.mode,
@@ -235,10 +244,12 @@ def _run_phase(
             except OSError:
                 pass
         raise
+    cpu_after = cpu_usage.snapshot(server_pids)
     elapsed_s = max(0, last_end_ns - start_ns) / 1e9
     measurement.windows.append((start_wall, start_wall + elapsed_s))
     # What the load generator itself cost: if a worker kept its CPU busy, it (not the server) set the pace.
-    measurement.generator_cpu_s += sum(worker_cpu) + (time.process_time() - parent_cpu_start)
+    generator_cpu_s = sum(worker_cpu) + (time.process_time() - parent_cpu_start)
+    measurement.generator_cpu_s += generator_cpu_s
     if elapsed_s > 0 and worker_cpu:
         measurement.generator_busy = max(measurement.generator_busy, max(worker_cpu) / elapsed_s)
     if measurement.generator_busy > GENERATOR_BUSY_WARNING:
@@ -247,6 +258,11 @@ def _run_phase(
                     100 * measurement.generator_busy)
     if progress is not None:
         progress(_progress(measurement, config, number, phases, start_ns, finished=True))
+    cpu = cpu_usage.usage(cpu_before, cpu_after, target.name, generator_cpu_s)
+    problem = cpu_usage.contention(cpu)
+    if problem:
+        log.warning("%s at %g: %s; the figures describe more than the server", target.name, point, problem)
+    return cpu
 
 
 def _warm_up(

@@ -8,10 +8,12 @@ does not grow with the number of requests. Histograms and counters add exactly, 
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from mnist_client.loadtest.cpu_usage import contention
 from mnist_client.loadtest.errors import ResultFileError
 
 try:
@@ -28,6 +30,10 @@ SIGNIFICANT_FIGURES = 3
 PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
 MAX_ERROR_EXAMPLES = 3  # distinct messages kept per error kind
 GENERATOR_BUSY_WARNING = 0.9  # share of a CPU a worker may use before the report calls it a bottleneck
+# Rounds of one (target, sweep point) whose figures spread wider than this ((max - min) / median) are flagged.
+SPREAD_WARNING = 0.20
+# The per-round figures whose median and spread the report gives.
+ROUND_FIGURES: tuple[str, ...] = ("p50_ms", "p99_ms", "throughput_rps")
 
 
 def percentile_label(p: float) -> str:
@@ -165,6 +171,8 @@ class Measurement:
     warmup_errors: int = 0
     generator_cpu_s: float = 0.0  # CPU time of the load tester's processes while measuring
     generator_busy: float = 0.0  # the busiest worker's CPU time / elapsed time (near 1: tester-bound)
+    # One entry per measured round (repetition) of this (target, point): its figures and who used the CPU.
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str, float]:
@@ -244,6 +252,45 @@ class Measurement:
         self.warmup_errors += other.warmup_errors
         self.generator_cpu_s += other.generator_cpu_s
         self.generator_busy = max(self.generator_busy, other.generator_busy)
+        self.rounds.extend(other.rounds)
+
+    def round_summary(self, cpu: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This measurement's figures as one round of a repeated point (``cpu``: see ``cpu_usage.usage``)."""
+        latency = self.latency_ms()
+        return {
+            "requests": self.requests,
+            "errors": sum(self.errors.values()),
+            "elapsed_s": round(self.elapsed_s, 4),
+            "throughput_rps": round(self.throughput_rps, 2),
+            "p50_ms": round(latency["p50"], 4),
+            "p99_ms": round(latency["p99"], 4),
+            "cpu": cpu or {},
+        }
+
+    def round_stats(self) -> dict[str, dict[str, float]]:
+        """Per figure of ``ROUND_FIGURES``: median, min, max and spread ((max - min) / median) over the rounds."""
+        out = {}
+        for name in ROUND_FIGURES:
+            values = [r[name] for r in self.rounds if r.get("requests")]
+            if not values:
+                continue
+            median = statistics.median(values)
+            spread = (max(values) - min(values)) / median if median > 0 else 0.0
+            out[name] = {"median": median, "min": min(values), "max": max(values), "spread": round(spread, 4)}
+        return out
+
+    def flags(self) -> list[str]:
+        """Why this point's figures may not describe the server alone: a wide spread, or CPU taken from it."""
+        notes = []
+        for name, stats in self.round_stats().items():
+            if len(self.rounds) > 1 and stats["spread"] > SPREAD_WARNING:
+                notes.append(f"{name} spread {100 * stats['spread']:.0f}% over {len(self.rounds)} rounds "
+                             f"(above {100 * SPREAD_WARNING:.0f}%)")
+        for number, entry in enumerate(self.rounds, start=1):
+            problem = contention(entry.get("cpu") or {})
+            if problem:
+                notes.append(f"round {number}: {problem}")
+        return notes
 
     def summary(self) -> dict[str, Any]:
         """Derived figures (what tables, CSV and thresholds use)."""
@@ -267,6 +314,8 @@ class Measurement:
                 "cpu_us_per_request": self.generator_cpu_s / self.requests * 1e6 if self.requests else None,
                 "busiest_worker_cpu_share": self.generator_busy,
             },
+            "round_stats": self.round_stats(),
+            "flags": self.flags(),
         }
         if self.mode == "open":
             data["intended_rps"] = self.point
@@ -291,6 +340,7 @@ class Measurement:
             "scheduled": self.scheduled,
             "windows": [list(w) for w in self.windows],
             "warmup": {"requests": self.warmup_requests, "errors": self.warmup_errors},
+            "rounds": self.rounds,
             "histogram": {"encoding": "hdrhistogram-v2-base64", "unit": "us", "data": self.latency.encode(),
                           "clamped": self.latency.clamped},
             "send_lag_histogram": {"encoding": "hdrhistogram-v2-base64", "unit": "us", "data": self.send_lag.encode(),
@@ -323,6 +373,7 @@ class Measurement:
                 warmup_errors=int(data.get("warmup", {}).get("errors", 0)),
                 generator_cpu_s=float(data.get("generator", {}).get("cpu_s", 0.0)),
                 generator_busy=float(data.get("generator", {}).get("busiest_worker_cpu_share", 0.0)),
+                rounds=[dict(r) for r in data.get("rounds", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ResultFileError(f"a result entry lacks or mangles {exc!s}; expected the fields a run writes") from exc

@@ -15,6 +15,7 @@ COLUMNS = [
     "requests", "ok", "errors", "error_rate", "elapsed_s", "throughput_rps", "images_per_s",
     *(f"{percentile_label(p)}_ms" for p in PERCENTILES), "max_ms", "min_ms", "mean_ms",
     "send_lag_p99_ms", "accuracy", "errors_by_code",
+    "rounds", "throughput_rps_median", "throughput_rps_spread", "p50_ms_median", "p50_ms_spread", "flags",
 ]
 
 
@@ -46,6 +47,13 @@ def csv_rows(report: Report) -> list[dict[str, object]]:
         }
         for p in PERCENTILES:
             row[f"{percentile_label(p)}_ms"] = f"{latency[percentile_label(p)]:.3f}"
+        stats = m.round_stats()
+        row["rounds"] = len(m.rounds)
+        for figure in ("throughput_rps", "p50_ms"):
+            entry = stats.get(figure)
+            row[f"{figure}_median"] = "" if entry is None else f"{entry['median']:.3f}"
+            row[f"{figure}_spread"] = "" if entry is None else f"{entry['spread']:.4f}"
+        row["flags"] = " | ".join(m.flags())
         rows.append(row)
     return rows
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mnist_client.loadtest.report import Report
-from mnist_client.loadtest.stats import GENERATOR_BUSY_WARNING, PERCENTILES, percentile_label
+from mnist_client.loadtest.stats import GENERATOR_BUSY_WARNING, PERCENTILES, Measurement, percentile_label
 
 
 def _fmt_ms(value: float) -> str:
@@ -19,10 +19,18 @@ def _render(headers: list[str], rows: list[list[str]], right: set[int]) -> list[
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+def _spread(m: Measurement, figure: str) -> str:
+    stats = m.round_stats().get(figure)
+    return "-" if stats is None or len(m.rounds) < 2 else f"{100 * stats['spread']:.0f}%"
+
+
 def format_table(report: Report) -> str:
     """A plain-text table (no colours, fixed width) that reads the same in a terminal and a CI log."""
     open_loop = any(m.mode == "open" for m in report.measurements)
+    repeated = any(len(m.rounds) > 1 for m in report.measurements)
     headers = ["target", "rate/s" if open_loop else "conc", "requests", "errors", "req/s"]
+    if repeated:
+        headers += ["rounds", "req/s med", "spread", "p50 med", "spread"]
     if open_loop:
         headers.append("lag p99")
     headers += [percentile_label(p) for p in PERCENTILES] + ["max", "accuracy"]
@@ -30,6 +38,11 @@ def format_table(report: Report) -> str:
     for m in report.measurements:
         latency = m.latency_ms()
         row = [m.target, f"{m.point:g}", str(m.requests), str(sum(m.errors.values())), f"{m.throughput_rps:.1f}"]
+        if repeated:
+            stats = m.round_stats()
+            rps, p50 = stats.get("throughput_rps"), stats.get("p50_ms")
+            row += [str(len(m.rounds)), "-" if rps is None else f"{rps['median']:.1f}", _spread(m, "throughput_rps"),
+                    "-" if p50 is None else _fmt_ms(p50["median"]), _spread(m, "p50_ms")]
         if open_loop:
             row.append(_fmt_ms(m.send_lag.value_at(99.0) / 1000.0))
         row += [_fmt_ms(latency[percentile_label(p)]) for p in PERCENTILES] + [_fmt_ms(latency["max"])]
@@ -37,6 +50,9 @@ def format_table(report: Report) -> str:
         rows.append(row)
     lines = [f"latencies in ms (HDR histogram, successful requests); {report.sources} result file(s), "
              f"hosts: {', '.join(report.hosts) or '-'}"]
+    if repeated:
+        lines.append("med: median over the rounds of a point; spread: (max - min) / median over those rounds; "
+                     "the other columns pool every round")
     lines += _render(headers, rows, right=set(range(1, len(headers))))
     lines.append("")
     for target in report.targets:
@@ -62,6 +78,9 @@ def format_table(report: Report) -> str:
                 f"warning          {m.target} at {m.point:g}: a load-tester process used {100 * m.generator_busy:.0f}% "
                 "of a CPU; the tester may have set the pace (raise --processes)"
             )
+    for m in report.measurements:
+        for flag in m.flags():
+            lines.append(f"flag             {m.target} at {m.point:g}: {flag}")
     if any(m.mode == "open" for m in report.measurements):
         for m in report.measurements:
             lines.append(

@@ -1,0 +1,136 @@
+"""Who used the CPU while a round was measured: the server, the load tester, or something else.
+
+On one machine the load generator and the server share the cores, and any other busy process
+slows the server down without the latency figures saying why. Each measured round therefore
+records, in cores (CPU seconds per second of wall time):
+
+- ``machine``: every core's busy time (``/proc/stat``), the whole machine;
+- ``generator``: the load tester's own processes (passed in by the runner);
+- ``server``: the process tree of the server under test, where its process id is known;
+- ``other``: the rest, which includes other servers left running beside the one measured.
+
+A round is flagged when something besides the server took CPU that the server could have used.
+Linux only (``/proc``); elsewhere the machine figures are ``None`` and nothing is flagged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_client.cpus import usable_cpus
+
+PROC = Path("/proc")
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+# Other processes taking this share of the usable cores (or more) disturbed the measurement.
+OTHER_SHARE_WARNING = 0.10
+# A machine this busy had no core to spare: whatever besides the server ran took the server's CPU.
+SATURATED_SHARE = 0.90
+# On a saturated machine, the load generator taking this share of the cores took the server's CPU.
+GENERATOR_SHARE_WARNING = 0.25
+
+
+def machine_busy_seconds() -> float | None:
+    """Busy CPU seconds of all cores since boot (everything but idle and iowait), or None off Linux."""
+    try:
+        first = (PROC / "stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    ticks = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # the process ended while we looked
+        fields = stat[stat.rfind(")") + 2 :].split()  # the command name may hold spaces and ')'
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def _own_cpu_seconds(pid: int) -> float:
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(")") + 2 :].split()
+    # utime and stime (fields 14 and 15), plus the waited-for children's (16 and 17): a gunicorn
+    # worker replaced during the round still counts through its parent.
+    return sum(int(v) for v in fields[11:15]) / _TICKS
+
+
+def process_tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds used so far by ``pid`` and all its descendants, or None if it is gone or not on Linux."""
+    if not (PROC / str(pid)).exists():
+        return None
+    children = _children()
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += _own_cpu_seconds(current)
+        stack.extend(children.get(current, ()))
+    return total
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    wall: float
+    machine: float | None
+    servers: dict[str, float | None]
+
+
+def snapshot(server_pids: Mapping[str, int]) -> CpuSnapshot:
+    return CpuSnapshot(
+        wall=time.monotonic(),
+        machine=machine_busy_seconds(),
+        servers={name: process_tree_cpu_seconds(pid) for name, pid in server_pids.items()},
+    )
+
+
+def usage(
+    before: CpuSnapshot, after: CpuSnapshot, target: str, generator_cpu_s: float, capacity: int | None = None
+) -> dict[str, float | int | None]:
+    """Cores used during the round between two snapshots, by the machine, generator, server and the rest."""
+    elapsed = after.wall - before.wall
+    capacity = capacity or usable_cpus()
+
+    def cores(seconds: float | None) -> float | None:
+        return None if seconds is None or elapsed <= 0 else round(max(0.0, seconds) / elapsed, 3)
+
+    machine = None if before.machine is None or after.machine is None else after.machine - before.machine
+    start, end = before.servers.get(target), after.servers.get(target)
+    server = None if start is None or end is None else end - start
+    # Other servers left running beside this one count as "other": they are not the server under test.
+    other = None if machine is None else machine - generator_cpu_s - (server or 0.0)
+    return {
+        "capacity": capacity,
+        "machine": cores(machine),
+        "generator": cores(generator_cpu_s),
+        "server": cores(server),
+        "other": cores(other),
+    }
+
+
+def contention(cpu: Mapping[str, float | int | None]) -> str | None:
+    """A sentence when something besides the server took CPU the server could have used, else None."""
+    capacity, machine, generator, other = cpu.get("capacity"), cpu.get("machine"), cpu.get("generator"), cpu.get("other")
+    if not capacity or machine is None:
+        return None
+    problems = []
+    if other is not None and other >= OTHER_SHARE_WARNING * capacity:
+        problems.append(f"other processes used {other:.2f} of {capacity} cores")
+    if machine >= SATURATED_SHARE * capacity and generator is not None and generator >= GENERATOR_SHARE_WARNING * capacity:
+        problems.append(f"the load tester used {generator:.2f} of {capacity} cores on a saturated machine")
+    return "; ".join(problems) or None
