@@ -27,6 +27,7 @@ BENCHMARKS = (
     "train_throughput",
     "inprocess",
     "rest_server",
+    "torchserve_peer",  # skips, saying what to install, where Java, TorchServe or wrk is missing
     "grpc_standin",
     "client_rest_formats",
     "loadtester_vs_wrk",
