@@ -1,5 +1,7 @@
-# The load tester's image: only the client package (mnist-serving-client, no torch, no TensorFlow)
-# and its console script `mnist-loadtest`; docker-compose.yml runs it as the `loadtest` service.
+# The client-only images (the client package mnist-serving-client, no torch, no TensorFlow):
+# - stage loadtest: its console script `mnist-loadtest`; docker-compose.yml's `loadtest` service;
+# - stage web: the draw-a-digit page (serving/web, docs/web.md), which reaches the servers through
+#   the client package and draws the load tester's charts; docker-compose.yml's `web` service.
 #
 # Build arguments:
 #   PYTHON_IMAGE  the base image: any Debian-based image with python3 (3.11+) and python3-venv.
@@ -46,3 +48,29 @@ USER 10001:10001
 HEALTHCHECK NONE
 ENTRYPOINT ["bash", "/usr/local/bin/loadtest-entrypoint"]
 CMD ["--help"]
+
+FROM python-base AS web
+# The client with its load-test extra (the report view draws the load tester's charts), Flask and gunicorn.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=bind,source=requirements,target=/tmp/requirements \
+    --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
+    --mount=type=bind,source=docker/pip_install.py,target=/tmp/pip_install.py \
+    --mount=type=bind,source=clients/pyproject.toml,target=/tmp/clients/pyproject.toml \
+    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml --extra loadtest \
+        flask gunicorn setuptools
+RUN --mount=type=bind,source=clients,target=/tmp/clients,rw \
+    pip install --no-cache-dir --no-deps --no-build-isolation /tmp/clients
+WORKDIR /app
+# The page, and the MNIST reader for its "random test image" (nothing else of training/ or serving/).
+COPY serving/__init__.py serving/
+COPY serving/web/ serving/web/
+COPY training/__init__.py training/mnist_data.py training/
+ENV PYTHONPATH=/app \
+    MNIST_WEB_PORT=8000 \
+    MNIST_WEB_DATA_DIR=/data/mnist \
+    MNIST_WEB_REPORTS_DIR=/reports
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-m", "serving.web.healthcheck"]
+CMD ["python", "-m", "serving.web"]

@@ -256,7 +256,7 @@ def _gpu_devices(service: dict) -> list[dict]:
 
 
 def test_services_are_the_documented_ones(gpu_config: dict) -> None:
-    assert set(gpu_config["services"]) == {*TRAINING_SERVICES, *SERVER_SERVICES, "loadtest"}
+    assert set(gpu_config["services"]) == {*TRAINING_SERVICES, *SERVER_SERVICES, "web", "loadtest"}
 
 
 @pytest.mark.parametrize("name", GPU_SERVICES)
@@ -342,6 +342,7 @@ def test_stack_constants_are_the_contract_defaults(raw_compose: dict) -> None:
     assert stack["rest-port"] == contract.REST_PORT
     assert stack["tfs-grpc-port"] == contract.TFS_GRPC_PORT
     assert stack["tfs-rest-port"] == contract.TFS_REST_PORT
+    assert stack["web-port"] == contract.WEB_PORT
     assert stack["models-root"] == "/models"
 
 
@@ -418,6 +419,30 @@ def test_loadtest_targets_are_the_two_servers(gpu_config: dict) -> None:
     assert (rest.scheme, rest.hostname, rest.port) == ("http", "torch-rest", contract.REST_PORT)
     grpc_host, _, grpc_port = command[command.index("--grpc") + 1].partition("=")[2].rpartition(":")
     assert (grpc_host, int(grpc_port)) == ("tf-serving", contract.TFS_GRPC_PORT)
+
+
+def test_web_page_asks_the_three_server_endpoints_and_runs_hardened(gpu_config: dict) -> None:
+    from serving.web.config import WebConfig
+
+    web = gpu_config["services"]["web"]
+    config = WebConfig.load(environ={k: str(v) for k, v in web["environment"].items()})  # the image's settings
+    assert [(t.framework, t.protocol, t.address) for t in config.targets()] == [
+        ("pytorch", "rest", f"http://torch-rest:{contract.REST_PORT}"),
+        ("tensorflow", "rest", f"http://tf-serving:{contract.TFS_REST_PORT}"),
+        ("tensorflow", "grpc", f"tf-serving:{contract.TFS_GRPC_PORT}"),
+    ]
+    assert config.port == contract.WEB_PORT and _published(web) == {contract.WEB_PORT: contract.WEB_PORT}
+    assert {p["host_ip"] for p in web["ports"]} == {"127.0.0.1"}, "published on loopback by default"
+    image = REPO / "docker" / "loadtest.Dockerfile"
+    assert web["build"]["target"] == "web" and exposed(image, "web") == {contract.WEB_PORT}
+    assert int(env_of(image, "web")["MNIST_WEB_PORT"]) == contract.WEB_PORT
+    reports = [v for v in web["volumes"] if v["target"] == str(config.reports_dir)]
+    assert reports and Path(reports[0]["source"]) == REPO / "reports" and reports[0]["read_only"] is True
+    data = [v for v in web["volumes"] if v["target"] == str(config.data_dir)]
+    assert data and data[0]["source"] == "mnist-data" and data[0]["read_only"] is True
+    assert web["read_only"] is True and web["cap_drop"] == ["ALL"] and "no-new-privileges:true" in web["security_opt"]
+    assert web["healthcheck"]["test"] == ["CMD", "python", "-m", "serving.web.healthcheck"]
+    assert "depends_on" not in web, "the page starts at once and shows which server is not up yet"
 
 
 # --- images: build inputs and installed packages ----------------------------------------------
@@ -591,6 +616,12 @@ IMAGES = {
     # tf.summary needs TensorBoard, which TensorFlow no longer depends on; imports cannot show it.
     "tf-train": (REPO / "Dockerfile.tf", "train", [REPO / "training" / "train_tf.py"], ["tensorboard"]),
     "loadtest": (REPO / "docker" / "loadtest.Dockerfile", "loadtest", None, []),
+    "web": (
+        REPO / "docker" / "loadtest.Dockerfile",
+        "web",
+        [REPO / "serving" / "web" / "__main__.py", REPO / "serving" / "web" / "healthcheck.py"],
+        ["gunicorn"],
+    ),
 }
 
 

@@ -50,6 +50,7 @@ TFLITE_FILENAME: Final = "model.tflite"  # beside saved_model.pb: the same model
 REST_PORT: Final = 8080
 TFS_GRPC_PORT: Final = 8500
 TFS_REST_PORT: Final = 8501
+WEB_PORT: Final = 8000  # the draw-a-digit page (serving.web)
 
 
 def input_shape(batch: int | None = None) -> tuple[int | None, int, int]:

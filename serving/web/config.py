@@ -24,7 +24,6 @@ from mnist_client import contract
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_PREFIX = "MNIST_WEB_"
-DEFAULT_PORT = 8000  # DESIGN: the web page's port beside REST 8080, gRPC 8500, TF REST 8501
 DISABLED = "off"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -59,7 +58,7 @@ class WebConfig:
     """Everything the app factory and ``python -m serving.web`` need; docs/web.md describes each."""
 
     host: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
+    port: int = contract.WEB_PORT
     # The backend waits on the model servers, it computes little: one process, several threads.
     workers: int = 1
     threads: int = 8
