@@ -95,7 +95,7 @@ class MnistHandler:
         """A request's payload -> validated images, or an ApiError saying what was wrong."""
         payload = next((request[name] for name in _PAYLOAD_NAMES if name in request), None)
         if payload is None:
-            raise BadRequest(f"empty request: no body; expected JSON: {{\"instances\": [image, ...]}}")
+            raise BadRequest('empty request: no body; expected JSON: {"instances": [image, ...]}')
         if isinstance(payload, (bytes, bytearray)):
             return codecs.decode_request(bytes(payload), content_type, self.max_batch)
         if isinstance(payload, str):
