@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mnist_client import contract
+from serving.tfs_standin.batching import QUEUE_FULL_MESSAGE
 from serving.tfs_standin.flags import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, ServerOptions
 from serving.tfs_standin.server import ModelServer, ServerStartError, channel_arguments
 from tests.conftest import free_port
@@ -33,8 +34,12 @@ from tests.test_standin_support import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# A batch waits this long for company: it keeps calls in flight long enough to stop the server under them.
-SLOW_BATCH_SECONDS = 1.5
+# A batch waits this long for company: it keeps calls in flight while the server stops under them (the tests
+# wait for the calls to be queued, observed, before stopping; this only has to stay below the stop's grace).
+SLOW_BATCH_SECONDS = 3.0
+# Safety deadline for every wait below: far above anything a loaded machine needs.
+SAFETY_S = 60
+PROBE_IMAGES = 8
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,22 @@ def slow_batching(tmp_path: Path) -> Path:
     path.write_text(f"max_batch_size {{ value: 64 }}\nbatch_timeout_micros {{ value: {int(SLOW_BATCH_SECONDS * 1e6)} }}\n"
                     "num_batch_threads { value: 1 }\n")
     return path
+
+
+def first_refusal(stubs: Stubs, image: np.ndarray) -> grpc.RpcError:
+    """Call until the server refuses: calls it still accepts (before the stop took hold) are answered.
+
+    A call that crosses the server's GOAWAY on the wire is CANCELLED without running; the next one is
+    refused. Any other error is returned as the refusal, for the caller's assertion to name.
+    """
+    deadline = time.monotonic() + SAFETY_S
+    while time.monotonic() < deadline:
+        try:
+            stubs.predict(image, timeout=SAFETY_S)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                return exc
+    raise AssertionError(f"the stopping server still accepted calls after {SAFETY_S} s")
 
 
 def test_health_service_reports_serving_and_unknown_services(tf_model_copy: Path) -> None:  # noqa: F811
@@ -69,32 +90,39 @@ def test_stop_finishes_in_flight_calls_and_refuses_new_ones(
     server.start()
     server.wait_until_available(timeout=60)
     stubs = Stubs(f"127.0.0.1:{server.port}")
+    scheduler = server.core.batch_scheduler
+    assert scheduler is not None
     try:
         with ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(stubs.predict, images[i : i + 1]) for i in range(4)]
-            time.sleep(0.3)  # all four wait in the open batch now
-            stopper = threading.Thread(target=server.stop, kwargs={"grace": 10})
+            in_flight = [pool.submit(stubs.predict, images[i : i + 1], timeout=SAFETY_S) for i in range(4)]
+            wait_for(lambda: scheduler.queued_tasks() == 4, timeout=SAFETY_S, what="four calls in the open batch")
+            stopper = threading.Thread(target=server.stop, kwargs={"grace": SAFETY_S})
             stopper.start()
-            time.sleep(0.2)
-            with pytest.raises(grpc.RpcError) as refused:
-                stubs.predict(images[:1], timeout=5)
-            answers = [future.result(timeout=30) for future in in_flight]
-            stopper.join(30)
+            refused = first_refusal(stubs, images[:1])
+            answers = [future.result(timeout=SAFETY_S) for future in in_flight]
+            stopper.join(SAFETY_S)
     finally:
         stubs.close()
         server.stop()
     assert [a.model_spec.version.value for a in answers] == [1, 1, 1, 1]
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_sigterm_lets_in_flight_calls_finish_and_exits_cleanly(
-    tf_model_copy: Path, slow_batching: Path, images: np.ndarray  # noqa: F811
+def test_sigterm_lets_an_in_flight_call_finish_and_exits_cleanly(
+    tf_model_copy: Path, tmp_path: Path, images: np.ndarray  # noqa: F811
 ) -> None:
+    # One batch per queue: a probe as large as a whole batch is refused as "queue is full" exactly when a
+    # one-image call waits in the open batch, which is how this test sees, across processes, that the call
+    # is in flight. A probe that finds the queue empty fills a batch of its own and is answered at once.
+    # (8: the model's warm-up records hold 8 images, and warm-up runs through the batcher.)
+    batching = tmp_path / "probe_batching.txt"
+    batching.write_text(f"max_batch_size {{ value: {PROBE_IMAGES} }}\nbatch_timeout_micros {{ value: {int(SLOW_BATCH_SECONDS * 1e6)} }}\n"
+                        "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 1 }\n")
     port = free_port()
     command = [
         sys.executable, "-m", "serving.tfs_standin", f"--port={port}", "--standin_host=127.0.0.1",
         f"--model_name={contract.MODEL_NAME}", f"--model_base_path={tf_model_copy}",
-        "--enable_batching", f"--batching_parameters_file={slow_batching}",
+        "--enable_batching", f"--batching_parameters_file={batching}",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -108,20 +136,34 @@ def test_sigterm_lets_in_flight_calls_finish_and_exits_cleanly(
                 return False
 
         wait_for(loaded, timeout=90, what="the stand-in process to load the model")
-        with ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(stubs.predict, images[i : i + 1]) for i in range(4)]
-            time.sleep(0.3)
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(stubs.predict, images[:1], timeout=SAFETY_S)
+            deadline = time.monotonic() + SAFETY_S
+            while not _queue_is_full(stubs, images[:PROBE_IMAGES]):
+                if in_flight.done():  # answered before it was seen waiting, or refused behind a probe: again
+                    in_flight = pool.submit(stubs.predict, images[:1], timeout=SAFETY_S)
+                assert time.monotonic() < deadline, "the call was never seen waiting in the batch"
             process.send_signal(signal.SIGTERM)
-            answers = [future.result(timeout=30) for future in in_flight]
-        exit_code = process.wait(timeout=60)
+            answer = in_flight.result(timeout=SAFETY_S)
+        exit_code = process.wait(timeout=SAFETY_S)
     finally:
         stubs.close()
         if process.poll() is None:
             process.kill()
         log = process.communicate(timeout=30)[0]
-    assert [a.model_spec.version.value for a in answers] == [1, 1, 1, 1], log
+    assert answer.model_spec.version.value == 1, log
     assert exit_code == 0, log
     assert "received SIGTERM" in log
+
+
+def _queue_is_full(stubs: Stubs, probe: np.ndarray) -> bool:
+    try:
+        stubs.predict(probe, timeout=SAFETY_S)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and QUEUE_FULL_MESSAGE in (exc.details() or ""):
+            return True
+        raise
+    return False
 
 
 def test_message_size_limit(tf_model_copy: Path, images: np.ndarray) -> None:  # noqa: F811
@@ -140,24 +182,26 @@ def test_default_message_limit_is_set_and_overridable() -> None:
     assert dict(channel_arguments(ServerOptions()))["grpc.max_receive_message_length"] == \
         DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
     custom = ServerOptions(grpc_channel_arguments="grpc.max_receive_message_length=1024,grpc.max_connection_age_ms=5")
-    assert dict(channel_arguments(custom)) == {
-        "grpc.max_receive_message_length": 1024,
-        "grpc.so_reuseport": 0,
-        "grpc.max_connection_age_ms": 5,
-    }
+    merged = dict(channel_arguments(custom))
+    assert merged["grpc.max_receive_message_length"] == 1024
+    assert merged["grpc.so_reuseport"] == 0
+    assert merged["grpc.max_connection_age_ms"] == 5, "a given argument overrides the connection default"
+    assert merged["grpc.max_concurrent_streams"] == 100, "the other connection defaults stay"
 
 
 def test_the_call_deadline_is_respected(
-    tf_model_copy: Path, slow_batching: Path, images: np.ndarray  # noqa: F811
+    tf_model_copy: Path, tmp_path: Path, images: np.ndarray  # noqa: F811
 ) -> None:
-    options = server_options(tf_model_copy, enable_batching=True, batching_parameters_file=str(slow_batching))
+    never = tmp_path / "never_batching.txt"  # a batch that would wait SAFETY_S for company
+    never.write_text(f"max_batch_size {{ value: 64 }}\nbatch_timeout_micros {{ value: {SAFETY_S * 1_000_000} }}\n")
+    options = server_options(tf_model_copy, enable_batching=True, batching_parameters_file=str(never))
     with running(options) as server, stubs_for(server) as stubs:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
             stubs.predict(images[:1], timeout=0.3)
         took = time.monotonic() - started
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert took < SLOW_BATCH_SECONDS
+    assert took < SAFETY_S  # ended by its deadline, not by the batch (a safety bound, not a speed)
 
 
 def test_unix_socket(tf_model_copy: Path, tmp_path: Path, images: np.ndarray) -> None:  # noqa: F811

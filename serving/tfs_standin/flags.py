@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mnist_client import contract
+from serving.tfs_standin.connection_limits import DEFAULT_REQUEST_READ_TIMEOUT_S, DEFAULT_SLOW_CALL_SLOTS
 
 # The stand-in's default cap on one request message; TF Serving's own default is
 # INT32_MAX. Both command lines set it explicitly through --grpc_channel_arguments.
@@ -34,6 +35,8 @@ class ServerOptions:
     port: int = contract.TFS_GRPC_PORT
     grpc_socket_path: str = ""
     rest_api_port: int = 0
+    rest_api_num_threads: int = 0
+    rest_api_timeout_in_ms: int = 30_000
     model_name: str = "default"
     model_base_path: str = ""
     model_config_file: str = ""
@@ -58,6 +61,9 @@ class ServerOptions:
     # Stand-in only.
     standin_host: str = "0.0.0.0"
     standin_shutdown_grace_seconds: float = 30.0
+    standin_rest_max_body_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
+    standin_request_read_timeout_seconds: float = DEFAULT_REQUEST_READ_TIMEOUT_S
+    standin_slow_call_slots: int = DEFAULT_SLOW_CALL_SLOTS
 
     def replace(self, **changes: Any) -> ServerOptions:
         return dataclasses.replace(self, **changes)
@@ -79,20 +85,15 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a TCP port between 0 and 65535"
 
 
-def _rest_port(value: int) -> str | None:
-    if value == 0:
-        return None
-    return (
-        "the stand-in serves gRPC only, so --rest_api_port must be 0 (TF Serving's REST API on 8501 "
-        "exists in the real tensorflow/serving image)"
-    )
-
-
 _FLAGS: dict[str, _Flag] = {
     "port": _Flag("port", int, "TCP port for gRPC (0 with --grpc_socket_path: socket only; "
                   "0 without it: any free port, logged)", _port),
     "grpc_socket_path": _Flag("grpc_socket_path", str, "also listen for gRPC on this UNIX socket"),
-    "rest_api_port": _Flag("rest_api_port", int, "must be 0: the stand-in has no REST API", _rest_port),
+    "rest_api_port": _Flag("rest_api_port", int, "TCP port for TF Serving's REST API (0: no REST API)", _port),
+    "rest_api_num_threads": _Flag("rest_api_num_threads", int, "REST worker threads (0: 4 per usable CPU)",
+                                  _at_least(0)),
+    "rest_api_timeout_in_ms": _Flag("rest_api_timeout_in_ms", int, "deadline of a REST request's model run "
+                                    "(0 or less: none)"),
     "model_name": _Flag("model_name", str, "name of the model (ignored with --model_config_file)"),
     "model_base_path": _Flag("model_base_path", str, "folder holding the numbered versions "
                              "(ignored with --model_config_file)"),
@@ -135,15 +136,21 @@ _FLAGS: dict[str, _Flag] = {
     "standin_shutdown_grace_seconds": _Flag(
         "standin_shutdown_grace_seconds", float, "stand-in only: on SIGTERM, time in-flight calls get to finish",
         _at_least(0)),
+    "standin_rest_max_body_bytes": _Flag(
+        "standin_rest_max_body_bytes", int, "stand-in only: largest REST request body; larger ones get 413",
+        _at_least(1)),
+    "standin_request_read_timeout_seconds": _Flag(
+        "standin_request_read_timeout_seconds", float, "stand-in only: cancel a call whose request message has not "
+        "arrived within this time (0: no deadline)", _at_least(0)),
+    "standin_slow_call_slots": _Flag(
+        "standin_slow_call_slots", int, "stand-in only: pool threads beyond --grpc_max_threads for calls still "
+        "receiving their request; past both, calls get RESOURCE_EXHAUSTED", _at_least(0)),
 }
 
 # tensorflow_model_server flags the stand-in does not implement, with the reason.
-_NO_REST = "the stand-in has no REST API (the real tensorflow/serving image has)"
 _UNSUPPORTED: dict[str, str] = {
-    "rest_api_num_threads": _NO_REST,
-    "rest_api_timeout_in_ms": _NO_REST,
-    "rest_api_enable_cors_support": _NO_REST,
-    "monitoring_config_file": "Prometheus metrics are served on the REST port, which the stand-in does not have",
+    "rest_api_enable_cors_support": "the stand-in's REST API sends no CORS headers",
+    "monitoring_config_file": "the stand-in serves no Prometheus metrics (/monitoring/prometheus/metrics)",
     "allow_version_labels_for_unavailable_models": "version labels must name versions that exist",
     "enable_per_model_batching_parameters": "use one --batching_parameters_file",
     "num_load_threads": "versions load one at a time in the stand-in",
@@ -234,6 +241,9 @@ def parse_flags(argv: Sequence[str]) -> ServerOptions:
 def _check_combination(options: ServerOptions) -> None:
     if not options.model_config_file and not options.model_base_path:
         raise FlagError("either --model_base_path (with --model_name) or --model_config_file is required")
+    if options.rest_api_port and options.rest_api_port == options.port:
+        raise FlagError(f"--rest_api_port={options.rest_api_port} is the gRPC --port too; TF Serving refuses "
+                        "that: use a different port for the REST API")
     if options.batching_parameters_file and not options.enable_batching:
         raise FlagError("--batching_parameters_file is only read with --enable_batching=true")
     for path_flag in ("model_config_file", "batching_parameters_file", "ssl_config_file",

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from serving.tfs_standin import config
+from serving.tfs_standin.connection_limits import CONNECTION_DEFAULTS, RequestReadDeadline
 from serving.tfs_standin.core import ServerCore
 from serving.tfs_standin.flags import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
@@ -37,6 +38,7 @@ from serving.tfs_standin.flags import (
     ServerOptions,
     parse_channel_arguments,
 )
+from serving.tfs_standin.rest import RestApi, RestServer, default_rest_threads
 from serving.tfs_standin.services import ModelService, PredictionService
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ def channel_arguments(options: ServerOptions) -> list[tuple[str, int | str]]:
         MAX_RECEIVE_MESSAGE_ARG: DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         # Fail loudly if the port is taken, instead of sharing it with another server.
         "grpc.so_reuseport": 0,
+        # Bounds on connections and streams against slow or idle clients (connection_limits.py).
+        **CONNECTION_DEFAULTS,
     }
     merged.update(parse_channel_arguments(options.grpc_channel_arguments))
     return list(merged.items())
@@ -83,6 +87,7 @@ class ModelServer:
         self.core = ServerCore(options, models, batching, on_change=self._update_health)
         self._server: grpc.Server | None = None
         self._port = 0
+        self._rest: RestServer | None = None
         self._config_poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
         self._update_health()
@@ -94,12 +99,22 @@ class ModelServer:
         """The bound TCP port (0 before start, or when serving on a UNIX socket only)."""
         return self._port
 
+    @property
+    def rest_port(self) -> int:
+        """The bound REST API port (0 before start, or with --rest_api_port=0: REST off)."""
+        return self._rest.port if self._rest is not None else 0
+
     def start(self) -> int:
         options = self.options
         threads = options.grpc_max_threads or default_grpc_threads()
+        # A call holds a pool thread while its request arrives: the slow-call slots keep the handler
+        # threads for ordinary calls, and past the pool's size a call is refused at once.
+        pool_size = threads + options.standin_slow_call_slots
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="grpc"),
+            interceptors=[RequestReadDeadline(options.standin_request_read_timeout_seconds)],
             options=channel_arguments(options),
+            maximum_concurrent_rpcs=pool_size,
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionService(self.core, options.enable_serialization_as_tensor_content), server
@@ -111,15 +126,32 @@ class ModelServer:
             self._port = self._listen(server, f"{options.standin_host}:{options.port}")
         if options.grpc_socket_path:
             self._listen(server, f"unix:{os.path.abspath(options.grpc_socket_path)}")
+        if options.rest_api_port:
+            self._start_rest()
         server.start()
         self._server = server
         self.core.start()
         self._start_config_polling()
-        log.info("TF Serving stand-in listening on %s:%d%s (gRPC%s, %d handler threads, batching %s)",
+        log.info("TF Serving stand-in listening on %s:%d%s (gRPC%s, %d handler threads, batching %s)%s",
                  options.standin_host, self._port,
                  f" and unix:{options.grpc_socket_path}" if options.grpc_socket_path else "",
-                 " over TLS" if self._tls else "", threads, "on" if options.enable_batching else "off")
+                 " over TLS" if self._tls else "", threads, "on" if options.enable_batching else "off",
+                 f"; REST API on {options.standin_host}:{self.rest_port} ({self._rest.threads} threads)"
+                 if self._rest is not None else "")
         return self._port
+
+    def _start_rest(self) -> None:
+        options = self.options
+        app = RestApi(self.core, options.rest_api_timeout_in_ms, options.standin_rest_max_body_bytes)
+        rest = RestServer(app, options.standin_host, options.rest_api_port,
+                          options.rest_api_num_threads or default_rest_threads())
+        try:
+            rest.start()
+        except OSError as exc:
+            address = f"{options.standin_host}:{options.rest_api_port}"
+            raise ServerStartError(f"cannot listen on {address} for the REST API: {exc} "
+                                   "(is another server using it?)") from exc
+        self._rest = rest
 
     def _listen(self, server: grpc.Server, address: str) -> int:
         try:
@@ -146,9 +178,14 @@ class ModelServer:
         grace = self.options.standin_shutdown_grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         self._stop_polling.set()
-        if self._server is not None:
+        if self._server is not None or self._rest is not None:
             log.info("stopping: refusing new calls, giving in-flight calls up to %.1f s", grace)
-            self._server.stop(grace).wait()
+        # gRPC drains in the background while REST drains here: both within the one grace period.
+        grpc_stopped = self._server.stop(grace) if self._server is not None else None
+        if self._rest is not None:
+            self._rest.stop(grace)
+        if grpc_stopped is not None:
+            grpc_stopped.wait()
         self.core.stop()
         log.info("stopped")
 
