@@ -1,6 +1,8 @@
 """Start and stop the two servers of the local stack as child processes.
 
-- the PyTorch REST server: gunicorn with ``serving/torch_server/gunicorn_conf.py``
+- the PyTorch REST server: gunicorn with ``serving/torch_server/gunicorn_conf.py`` on a loopback
+  port, behind nginx (``python -m serving.torch_server.proxy``) on the public one, so that slow or
+  idle clients never hold a gunicorn worker (docs/reliability.md)
 - the TF Serving stand-in: ``python -m serving.tfs_standin`` with TF Serving's flags
 
 The production stack runs the real ``tensorflow/serving`` image instead of the
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mnist_client import contract
@@ -20,7 +23,9 @@ from mnist_client.grpc_client import GrpcClient
 from mnist_client.rest import RestClient
 from serving.model_repository import latest_version
 from stack.config import REPO_ROOT, StackConfig
-from stack.processes import ManagedProcess, StackError, ensure_port_free
+from serving.torch_server.config import ConfigError
+from serving.torch_server.proxy import find_nginx
+from stack.processes import ManagedProcess, StackError, ensure_port_free, free_port, tail
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,7 @@ GUNICORN_CONF = REPO_ROOT / "serving" / "torch_server" / "gunicorn_conf.py"
 @dataclass
 class RunningStack:
     config: StackConfig
-    rest: ManagedProcess
+    rest: ManagedProcess | ProxiedRestServer
     grpc: ManagedProcess
 
 
@@ -44,15 +49,73 @@ def check_models(config: StackConfig) -> None:
         )
 
 
-def rest_process(config: StackConfig) -> ManagedProcess:
+class ProxiedRestServer:
+    """gunicorn and the nginx in front of it, started, watched and stopped as one server.
+
+    It has ManagedProcess's interface; ``pid`` is gunicorn's master (whose workers answer).
+    """
+
+    def __init__(self, server: ManagedProcess, proxy: ManagedProcess) -> None:
+        self.server = server
+        self.proxy = proxy
+        self.name = server.name
+        self.log_path = server.log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    def start(self) -> None:
+        self.server.start()
+        self.proxy.start()
+
+    def running(self) -> bool:
+        return self.server.running() and self.proxy.running()
+
+    def wait_ready(self, probe: Callable[[], bool], timeout_s: float) -> float:
+        # An nginx that exited (a taken port, a bad setting) ends the wait at once, then is reported.
+        took = self.server.wait_ready(lambda: not self.proxy.running() or probe(), timeout_s)
+        if not self.proxy.running():
+            raise StackError(f"{self.proxy.name} exited before the server became ready; last lines of "
+                             f"{self.proxy.log_path}:\n{tail(self.proxy.log_path)}")
+        return took
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        proxy_status = self.proxy.stop(grace_s)
+        status = self.server.stop(grace_s)
+        return status if status not in (None, 0) else proxy_status
+
+
+def rest_process(config: StackConfig) -> ProxiedRestServer:
+    """gunicorn on a free loopback port, nginx on ``config.rest_port``; HTTPS (MNIST_REST_TLS_CERT and
+    MNIST_REST_TLS_KEY in the environment) is served by nginx."""
+    try:
+        find_nginx()
+    except ConfigError as exc:
+        raise StackError(f"the PyTorch REST server runs behind nginx, but {exc}; `make setup` lists it") from None
+    upstream_port = free_port("127.0.0.1")
     argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.torch_server.app:create_app()"]
     env = {
-        "MNIST_REST_HOST": config.host,
-        "MNIST_REST_PORT": str(config.rest_port),
+        "MNIST_REST_HOST": "127.0.0.1",
+        "MNIST_REST_PORT": str(upstream_port),
         "MNIST_REST_MODEL_BASE_PATH": str(config.torch_base_path),
+        "MNIST_REST_TLS_CERT": "",
+        "MNIST_REST_TLS_KEY": "",
         "PYTHONPATH": str(REPO_ROOT),
     }
-    return ManagedProcess("PyTorch REST server", argv, config.log_dir / "rest-server.log", env)
+    server = ManagedProcess("PyTorch REST server", argv, config.log_dir / "rest-server.log", env)
+    proxy_env = {
+        "MNIST_PROXY_HOST": config.host,
+        "MNIST_PROXY_PORT": str(config.rest_port),
+        "MNIST_PROXY_UPSTREAM": f"127.0.0.1:{upstream_port}",
+        "MNIST_PROXY_RUN_DIR": str(config.log_dir / "rest-proxy"),
+        "MNIST_PROXY_TLS_CERT": os.environ.get("MNIST_REST_TLS_CERT", ""),
+        "MNIST_PROXY_TLS_KEY": os.environ.get("MNIST_REST_TLS_KEY", ""),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    proxy_argv = [sys.executable, "-m", "serving.torch_server.proxy"]
+    proxy = ManagedProcess("PyTorch REST server's nginx", proxy_argv, config.log_dir / "rest-proxy.log", proxy_env)
+    return ProxiedRestServer(server, proxy)
 
 
 def grpc_process(config: StackConfig) -> ManagedProcess:
