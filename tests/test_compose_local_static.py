@@ -3,7 +3,7 @@
 docker-compose.local.yml must resolve with Compose and validate against the compose-spec schema, and
 change the real stack only where a machine without a registry needs it: the base-image build
 arguments, the build network and the image tags of every built service, and for tf-serving the image
-(the TF Serving stand-in), its healthcheck and its published ports (gRPC only). The stand-in's
+(the TF Serving stand-in) and its healthcheck; it publishes TF Serving's ports. The stand-in's
 entrypoint must pass TF Serving's own flags, and its healthcheck must tell a serving stand-in from one
 that is not. The helpers of ``make compose-test`` (docker/local/*.py) are tested on real files.
 """
@@ -40,7 +40,7 @@ CPU_OVERRIDE = REPO / "docker-compose.cpu.yml"
 LOCAL_OVERRIDE = REPO / "docker-compose.local.yml"
 STANDIN_DOCKERFILE = LOCAL_DIR / "tfs-standin.Dockerfile"
 BIN = Path(sys.executable).parent
-BUILT_SERVICES = ("torch-train", "tf-train", "torch-rest", "tf-serving", "loadtest")
+BUILT_SERVICES = ("torch-train", "tf-train", "torch-rest", "tf-serving", "web", "loadtest")
 
 
 def resolved(*files: Path, env: dict[str, str] | None = None) -> dict:
@@ -122,14 +122,16 @@ def test_override_keeps_every_service_but_its_build_and_image(cpu_config: dict, 
     assert set(local_config["services"]) == set(cpu_config["services"])
     for name, local in local_config["services"].items():
         real = cpu_config["services"][name]
-        changed = ("build", "image", "healthcheck", "ports") if name == "tf-serving" else ("build", "image")
+        changed = {"tf-serving": ("build", "image", "healthcheck", "ports"), "web": ("build", "image", "environment")}.get(
+            name, ("build", "image")
+        )
         assert _without(local, *changed) == _without(real, *changed), f"{name}: changed beyond {changed}"
     for key in ("volumes", "networks"):
         assert local_config.get(key) == cpu_config.get(key)
 
 
 def test_python_images_only_change_base_network_and_tag(cpu_config: dict, local_config: dict) -> None:
-    for name in ("torch-train", "tf-train", "torch-rest", "loadtest"):
+    for name in ("torch-train", "tf-train", "torch-rest", "web", "loadtest"):
         real, local = cpu_config["services"][name], local_config["services"][name]
         assert local["image"] == real["image"] + "-local", name
         assert local["build"]["network"] == "host", name
@@ -154,15 +156,13 @@ def test_base_image_and_torch_index_follow_their_variables() -> None:
     assert config["services"]["torch-train"]["build"]["args"]["TORCH_CPU_INDEX_URL"] == "https://cpu.example/"
 
 
-def test_tf_serving_runs_the_standin_on_the_grpc_port_only(cpu_config: dict, local_config: dict) -> None:
+def test_tf_serving_runs_the_standin_on_tf_servings_ports(cpu_config: dict, local_config: dict) -> None:
     real, local = cpu_config["services"]["tf-serving"], local_config["services"]["tf-serving"]
     assert local["build"]["dockerfile"] == "docker/local/tfs-standin.Dockerfile"
     assert local["build"]["args"] == {"TF_TRAIN_IMAGE": local_config["services"]["tf-train"]["image"]}
     assert local["image"].startswith("mnist-tfs-standin:")
-    (port,) = local["ports"]
-    (real_grpc,) = [p for p in real["ports"] if p["target"] == contract.TFS_GRPC_PORT]
-    assert port == real_grpc, "the same gRPC port, address and protocol as TF Serving"
-    assert all(p["target"] == contract.TFS_REST_PORT for p in real["ports"] if p is not real_grpc)
+    assert local["ports"] == real["ports"], "the same gRPC and REST ports, address and protocol as TF Serving"
+    assert sorted(p["target"] for p in local["ports"]) == [contract.TFS_GRPC_PORT, contract.TFS_REST_PORT]
     assert local["volumes"] == real["volumes"], "the same models volume, read-only"
     assert local["depends_on"] == real["depends_on"], "the standin is built on tf-train's image, after it"
 
@@ -203,13 +203,12 @@ def entrypoint_flags(script: Path, env: dict[str, str]) -> dict[str, str]:
 ENTRYPOINT_ENV = {"TFS_GRPC_PORT": "8500", "TFS_REST_PORT": "8501", "TFS_BATCHING_PARAMETERS_FILE": "/b.txt"}
 
 
-def test_standin_passes_tf_servings_flags_except_the_two_it_refuses() -> None:
+def test_standin_passes_tf_servings_flags_except_the_one_it_refuses() -> None:
     real = entrypoint_flags(REPO / "docker" / "tfserving-entrypoint.sh", ENTRYPOINT_ENV)
     standin = entrypoint_flags(LOCAL_DIR / "tfs-standin-entrypoint.sh", ENTRYPOINT_ENV)
-    assert standin.pop("--rest_api_port") == "0", "the stand-in has no REST API"
-    assert real.pop("--rest_api_port") == "8501"
-    assert real.pop("--monitoring_config_file")
+    assert real.pop("--monitoring_config_file"), "the stand-in serves no Prometheus metrics"
     assert standin == real
+    assert standin["--rest_api_port"] == "8501"
 
 
 def _dockerfile_lines(path: Path) -> list[str]:
@@ -240,7 +239,7 @@ def _copied_to_etc_tfserving() -> set[str]:
 def test_standin_accepts_those_flags_with_the_files_its_image_holds() -> None:
     from serving.tfs_standin.flags import FlagError, parse_flags
 
-    image_env = {name: _image_env(name) for name in ("TFS_GRPC_PORT", "TFS_BATCHING_PARAMETERS_FILE")}
+    image_env = {name: _image_env(name) for name in ("TFS_GRPC_PORT", "TFS_REST_PORT", "TFS_BATCHING_PARAMETERS_FILE")}
     flags = entrypoint_flags(LOCAL_DIR / "tfs-standin-entrypoint.sh", image_env)
     copied = _copied_to_etc_tfserving()
     for name, value in flags.items():
@@ -248,14 +247,12 @@ def test_standin_accepts_those_flags_with_the_files_its_image_holds() -> None:
             assert Path(value).name in copied, f"{name}={value}: the image does not hold that file"
             flags[name] = str(REPO / "serving" / "tfserving" / Path(value).name)
     options = parse_flags([f"{name}={value}" for name, value in flags.items()])
-    assert options.port == contract.TFS_GRPC_PORT
+    assert (options.port, options.rest_api_port) == (contract.TFS_GRPC_PORT, contract.TFS_REST_PORT)
     assert options.enable_batching
     given = [f"{name}={value}" for name, value in flags.items()]
     monitoring = REPO / "serving" / "tfserving" / "monitoring.config"
     with pytest.raises(FlagError, match="does not support"):
         parse_flags([*given, f"--monitoring_config_file={monitoring}"])
-    with pytest.raises(FlagError, match="rest_api_port"):
-        parse_flags([*given, f"--rest_api_port={contract.TFS_REST_PORT}"])
 
 
 def run_healthcheck(port: int | None) -> subprocess.CompletedProcess:
@@ -338,7 +335,7 @@ def test_loadtest_arguments_shorten_the_services_own_command(local_config: dict)
     assert len(arguments) == len(command)
     changed = {i for i, (a, b) in enumerate(zip(command, arguments, strict=True)) if a != b}
     assert len(changed) == 4, "only the duration and the three report paths"
-    assert stack_checks.expected_targets(arguments) == ["pytorch-rest", "tfserving-grpc"]
+    assert stack_checks.expected_targets(arguments) == ["torch-rest", "tf-serving-rest", "tf-serving-grpc"]
     assert compose_test.host_path(stack_checks.report_path_in_container(arguments), local_config) == (
         REPO / "reports" / "compose-test-loadtest.json"
     )
@@ -394,8 +391,37 @@ def test_free_loopback_address_skips_an_address_whose_port_is_taken() -> None:
         assert compose_test.free_loopback_address([port], ["127.0.0.1"]) is None
 
 
-def test_published_ports_are_the_servers(local_config: dict) -> None:
-    assert compose_test.published_ports(local_config) == [contract.REST_PORT, contract.TFS_GRPC_PORT]
+def test_published_ports_are_the_servers_and_the_page(local_config: dict) -> None:
+    assert compose_test.published_ports(local_config) == [
+        contract.WEB_PORT, contract.REST_PORT, contract.TFS_GRPC_PORT, contract.TFS_REST_PORT
+    ]
+
+
+def test_web_page_names_the_standin_for_what_it_is(cpu_config: dict, local_config: dict) -> None:
+    from serving.web.config import WebConfig
+
+    def targets(config: dict) -> list[tuple[str, str, str]]:
+        environment = {k: str(v) for k, v in config["services"]["web"]["environment"].items()}
+        return [(t.name, t.protocol, t.address) for t in WebConfig.load(environ=environment).targets()]
+
+    assert targets(local_config) == [
+        ("pytorch-rest", "rest", f"http://torch-rest:{contract.REST_PORT}"),
+        ("tfs-standin-rest", "rest", f"http://tf-serving:{contract.TFS_REST_PORT}"),
+        ("tfs-standin-grpc", "grpc", f"tf-serving:{contract.TFS_GRPC_PORT}"),
+    ]
+    assert [name for name, _, _ in targets(cpu_config)] == ["pytorch-rest", "tfserving-rest", "tfserving-grpc"]
+
+
+def test_the_local_run_names_the_standin_for_what_answers() -> None:
+    """Under `make compose-test` the tf-serving service runs the stand-in, so its targets say so."""
+    files = [COMPOSE_FILE, CPU_OVERRIDE, LOCAL_OVERRIDE]
+    args = compose_test.parse_args([])
+    env = compose_test.stack_env({}, files, args, build_inputs.Staged())
+    assert env["MNIST_TF_SERVER_NAME"] == "tf-standin"
+    config = resolved(*files, env={"MNIST_TF_SERVER_NAME": env["MNIST_TF_SERVER_NAME"]})
+    assert stack_checks.expected_targets(config["services"]["loadtest"]["command"]) == [
+        "torch-rest", "tf-standin-rest", "tf-standin-grpc"
+    ]
 
 
 def test_no_engine_is_a_skip_unless_required(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -455,7 +481,8 @@ def test_find_local_wheels_takes_the_pinned_version_that_installs_in_the_images(
     (root / "files" / "glibc_new-1.0-cp311-cp311-manylinux_2_39_x86_64.whl").rename(
         root / "simple" / "glibc-new" / "glibc_new-1.0-cp311-cp311-manylinux_2_39_x86_64.whl"
     )
-    pins = {"torch": "2.13.0+cpu", "numpy": "2.4.6", "glibc-new": "1.0", "absent": "1.0"}
+    # torch is pinned without a build label (as in requirements/constraints.txt): the local +cpu build matches.
+    pins = {"torch": "2.13.0", "numpy": "2.4.6", "glibc-new": "1.0", "absent": "1.0"}
     found = build_inputs.find_local_wheels(pins, [links], [root / "simple"], build_inputs.image_tags("x86_64"))
     assert found == {"torch": torch, "numpy": numpy.resolve()}
 

@@ -187,12 +187,12 @@ def test_tfserving_command_line_is_tensorflow_model_servers(rendered: dict[str, 
     server = container(pod_spec(rendered["serving-cpu"], "tfserving"), "tfserving")
     entrypoint = (REPO_ROOT / "docker" / "tfserving-entrypoint.sh").read_text()
     assert server["command"] == ["tensorflow_model_server"] and "exec tensorflow_model_server" in entrypoint
-    # The stand-in has neither TF Serving's REST API nor its monitoring endpoint: leave those two out.
-    # /etc/tfserving in the image holds serving/tfserving/ (Dockerfile.tf).
+    # The stand-in has no monitoring endpoint: leave that flag out. /etc/tfserving in the image holds
+    # serving/tfserving/ (Dockerfile.tf).
     config_dir = str(REPO_ROOT / "serving" / "tfserving") + "/"
     args = [a.replace("/etc/tfserving/", config_dir) for a in server["args"]]
-    options = parse_flags([a for a in args if not a.startswith(("--rest_api_port=", "--monitoring_config_file="))])
-    assert options.port == contract.TFS_GRPC_PORT
+    options = parse_flags([a for a in args if not a.startswith("--monitoring_config_file=")])
+    assert (options.port, options.rest_api_port) == (contract.TFS_GRPC_PORT, contract.TFS_REST_PORT)
     assert options.enable_batching and options.file_system_poll_wait_seconds > 0
     assert "grpc.max_connection_age_ms" in options.grpc_channel_arguments
 
@@ -282,7 +282,7 @@ def test_tfjob_runs_the_tf_trainer_under_tf_config(rendered: dict[str, list[dict
 # ------------------------------------------------------------------ load test
 
 
-def test_loadtest_pods_parse_and_target_both_services(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_loadtest_pods_parse_and_target_three_named_targets(rendered: dict[str, list[dict[str, Any]]]) -> None:
     from mnist_client.loadtest import cli
 
     pod = find(rendered["loadtest"], "Job", "mnist-loadtest")["spec"]["template"]["spec"]
@@ -290,11 +290,13 @@ def test_loadtest_pods_parse_and_target_both_services(rendered: dict[str, list[d
     assert tester["command"] == ["mnist-loadtest"]
     args = cli.build_parser().parse_args([expand(a, {"JOB_COMPLETION_INDEX": "3"}) for a in tester["args"]])
     config = cli.config_from_args(args)
-    addresses = {t.protocol: t.address for t in config.targets}
-    assert addresses == {
-        "rest": f"http://torch-rest.{mc.NAMESPACE}.svc.cluster.local:{contract.REST_PORT}",
-        "grpc": f"dns:///tfserving-headless.{mc.NAMESPACE}.svc.cluster.local:{contract.TFS_GRPC_PORT}",
-    }
+    # PyTorch REST, TF Serving REST (the framework difference) and TF Serving gRPC (the protocol difference).
+    assert [(t.name, t.protocol, t.address) for t in config.targets] == [
+        ("torch-rest", "rest", f"http://torch-rest.{mc.NAMESPACE}.svc.cluster.local:{contract.REST_PORT}"),
+        ("tf-serving-rest", "rest", f"http://tfserving.{mc.NAMESPACE}.svc.cluster.local:{contract.TFS_REST_PORT}"),
+        ("tf-serving-grpc", "grpc", f"dns:///tfserving-headless.{mc.NAMESPACE}.svc.cluster.local:{contract.TFS_GRPC_PORT}"),
+    ]
+    assert config.repeats >= 3, "each point in interleaved rounds, for a median and a spread"
     assert str(args.json) == "/results/parts/result-3.json" and config.labels == {"pod": "3"}
     index_env = next(e for e in tester["env"] if e["name"] == "JOB_COMPLETION_INDEX")
     index_field = index_env["valueFrom"]["fieldRef"]["fieldPath"]

@@ -442,6 +442,7 @@ def stack_env(
     owner = reports.stat()
     env.update(
         MNIST_DATA_DIR=str(resolve_data_dir()),  # containers have no network to download it with
+        MNIST_TF_SERVER_NAME="tf-standin",  # the local build's tf-serving service runs the stand-in
         MNIST_TORCH_EPOCHS=str(args.torch_epochs),
         MNIST_TF_EPOCHS=str(args.tf_epochs),
         MNIST_TORCH_THREADS=str(args.torch_threads),
