@@ -49,7 +49,7 @@ def test_quick_run_exports_a_saved_model_with_metadata(quick_run: tuple[dict[str
     summary, models, _ = quick_run
     export = tf_base(models) / "2"
     assert summary["export_path"] == str(export) and summary["version"] == 2 and not summary["skipped"]
-    assert summary["test_accuracy"] > 0.8 and summary["test_examples"] == train_tf.QUICK_TEST_EXAMPLES
+    assert summary["test_accuracy"] > 0.8 and summary["test_examples"] == recipe.QUICK_TEST_EXAMPLES
     assert summary["strategy"] == "default" and summary["replicas"] == summary["workers"] == 1
     assert (export / contract.SAVED_MODEL_FILENAME).is_file()
     assert (export / "variables").is_dir()
@@ -57,9 +57,9 @@ def test_quick_run_exports_a_saved_model_with_metadata(quick_run: tuple[dict[str
     metadata = json.loads((export / contract.METADATA_FILENAME).read_text())
     assert metadata["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=2e-3)
     assert metadata["epochs"] == 1 and metadata["quick"] is True
-    assert metadata["train_examples"] == train_tf.QUICK_TRAIN_EXAMPLES
+    assert metadata["train_examples"] == recipe.QUICK_TRAIN_EXAMPLES
     assert metadata["hyperparameters"]["optimizer"] == "adam"
-    assert metadata["hyperparameters"]["batch_size"] == train_tf.QUICK_DEFAULTS["batch_size"]
+    assert metadata["hyperparameters"]["batch_size"] == recipe.QUICK_DEFAULTS["batch_size"]
     assert metadata["strategy"] == "default" and metadata["workers"] == 1
     assert not [p for p in tf_base(models).iterdir() if p.name.startswith(".")], "staging folder left behind"
 
@@ -89,10 +89,15 @@ def test_skip_if_exists_does_nothing_when_a_version_is_exported(
     assert not list(tmp_path.iterdir()), "a skipped run must not write TensorBoard logs"
 
 
-def test_existing_version_is_refused_before_training(quick_run: tuple[dict[str, Any], Path, Path]) -> None:
+def test_existing_version_is_refused_before_training(
+    quick_run: tuple[dict[str, Any], Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, models, logs = quick_run
-    with pytest.raises(FileExistsError, match="already exists.*--skip-if-exists"):
+    with pytest.raises(SystemExit) as exit_info:
         train_tf.main(["--quick", "--output-dir", str(models), "--log-dir", str(logs), "--version", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--version 2:" in err and "already exists and versions are immutable" in err and "--skip-if-exists" in err
 
 
 def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,12 +118,13 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         (["--batch-size", "many"], "--batch-size: 'many' is not an integer"),
         (["--lr", "-0.1"], "--lr: -0.1: expected a positive number"),
         (["--optimizer", "rmsprop"], "--optimizer: invalid choice: 'rmsprop'"),
-        (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
+        (["--device", "tpu"], "argument --device: 'tpu': expected auto, cpu, cuda or cuda:N"),
         (["--momentum", "0.5"], "--momentum applies to --optimizer sgd only"),
         (["--optimizer", "sgd", "--momentum", "1.5"], "expected a value in [0, 1)"),
         (["--version", "0"], "--version: 0: expected a positive integer"),
-        (["--log-interval", "-1"], "expected 0 or a positive number of steps"),
-        (["--num-threads", "-2"], "--num-threads -2: expected 0 (TensorFlow's default) or a positive count"),
+        (["--log-interval", "-1"], "argument --log-interval: -1: expected 0 or a positive integer"),
+        (["--num-threads", "-2"], "argument --num-threads: -2: expected 0 or a positive integer"),
+        (["--data-dir", "/nonexistent/mnist"], "--data-dir /nonexistent/mnist: not a directory"),
     ],
 )
 def test_bad_flags_give_clear_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,9 +141,11 @@ def test_batch_larger_than_the_data_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="this machine has a GPU")
-def test_gpu_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="--device gpu requested but TensorFlow sees no GPU"):
+def test_gpu_without_a_gpu_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
         train_tf.main(["--quick", "--device", "gpu", "--output-dir", str(tmp_path), "--log-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--device: device 'cuda' requested but TensorFlow sees no GPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -43,18 +43,18 @@ def test_quick_run_exports_a_verified_model_with_metadata(
     meta = json.loads((export / contract.METADATA_FILENAME).read_text())
     assert meta["version"] == 3 and meta["framework"] == "pytorch" and meta["format"] == "torchscript"
     assert meta["signature"] == contract.signature()
-    assert meta["test_examples"] == train_torch.QUICK_TEST_EXAMPLES
+    assert meta["test_examples"] == recipe.QUICK_TEST_EXAMPLES
     assert meta["test_accuracy"] >= 0.85, "quick mode should be clearly above chance"
     assert meta["test_accuracy"] == summary["test_accuracy"]
     assert meta["data_checksum"] == MNIST_DATASET_CHECKSUM
     assert meta["epochs"] == 1 and meta["world_size"] == 1 and meta["device"] == "cpu"
-    assert meta["train_examples"] == train_torch.QUICK_TRAIN_EXAMPLES
+    assert meta["train_examples"] == recipe.QUICK_TRAIN_EXAMPLES
     assert meta["train_seconds"] > 0 and meta["images_per_second"] > 0
     assert meta["hyperparameters"]["optimizer"] == "adam" and meta["hyperparameters"]["quick"] is True
 
     # The TorchScript file alone (no Python model code) reproduces the recorded accuracy.
     loaded = torch.jit.load(str(export / contract.TORCHSCRIPT_FILENAME), map_location="cpu").eval()
-    n = train_torch.QUICK_TEST_EXAMPLES
+    n = recipe.QUICK_TEST_EXAMPLES
     probabilities, classes = predict_numpy(loaded, mnist_test.scaled()[:n])
     assert probabilities.dtype == contract.PROBABILITIES_DTYPE and classes.dtype == contract.CLASSES_DTYPE
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)

@@ -7,102 +7,65 @@
 Distribution through ``tf.distribute``: MultiWorkerMirroredStrategy when
 ``TF_CONFIG`` is set, MirroredStrategy when several local GPUs are visible, the
 default strategy otherwise. ``--batch-size`` is per replica; the global batch
-is ``batch_size * replicas``. TensorBoard logs go to ``<log-dir>/tf/<run>``
-and the model to ``<output-dir>/tf/mnist/<version>/`` (see docs/training-tf.md).
+is ``batch_size * replicas``. TensorBoard logs go to ``<log-dir>/tf/<run-name>``
+and the model (SavedModel and its TFLite copy) to ``<output-dir>/tf/mnist/<version>/``
+(see docs/training-tf.md).
+
+The same flags and the same skeleton as ``training/train_torch.py`` (the flags are declared once in
+``training/cli.py``): ``build_parser``/``parse_args``, ``train_step``, ``train_epoch``, ``evaluate``,
+``TensorBoardLog``, ``main``; here the steps also run through ``on_every_replica`` for tf.distribute.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from mnist_client import contract
-from serving.model_repository import latest_version, model_base_path
 from training import cli, mnist_data, recipe
 from training.model_tf import build_model, export_saved_model, normalize
 
 log = logging.getLogger("train_tf")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# --quick: one epoch of 64 small steps on a training subset, evaluated on the first test images
-# (about 88% accuracy in a few seconds: clearly above chance, enough for contract tests).
-QUICK_TRAIN_EXAMPLES = 4096
-QUICK_TEST_EXAMPLES = 1000
-QUICK_DEFAULTS = {"epochs": 1, "batch_size": 64}
-# Test images written to TensorBoard with their predictions.
-SAMPLE_IMAGES = 8
+SAMPLE_IMAGES = 16  # test images shown with their predictions in TensorBoard
 EVAL_BATCH_SIZE = 1000
 SHUFFLE_BUFFER = 10_000
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags both trainers share (training/cli.py), with TensorFlow's words for devices and threads."""
     parser = argparse.ArgumentParser(
         prog="python -m training.train_tf",
-        description="Train the MNIST CNN with TensorFlow/Keras and export a SavedModel.",
+        description="Train the MNIST CNN with TensorFlow/Keras and export a SavedModel (and its TFLite copy).",
         formatter_class=cli.DefaultsHelpFormatter,
     )
-    cli.add_recipe_arguments(parser, batch_size_help="images per step and replica")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (weights, dropout, shuffling)")
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "gpu", "cuda"),
-        default="auto",
-        help="auto: every visible GPU if any, else the CPU; cuda is an alias for gpu",
+    cli.add_trainer_arguments(
+        parser,
+        framework_dir=contract.TF_FRAMEWORK_DIR,
+        replica="replica",
+        device_help="auto: every visible GPU if any, else the CPU; cpu; cuda: every GPU; cuda:N: GPU N only "
+        "(gpu, gpu:N: the same)",
+        threads_help="TensorFlow's default, one per core (intra- and inter-op pools)",
     )
-    parser.add_argument(
-        "--num-threads",
-        type=int,
-        default=0,
-        help="intra- and inter-op CPU threads (0: TensorFlow's default, one per core); "
-        "1 lets another job train beside this one on a second core",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="directory with the four MNIST .gz files (default: $MNIST_DATA_DIR, the shared copy, or a download)",
-    )
-    parser.add_argument(
-        "--log-interval", type=int, default=100, help="log the running loss every N steps (0: per epoch only)"
-    )
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "models", help="models root")
-    parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / "runs", help="TensorBoard root")
-    parser.add_argument(
-        "--version", type=cli.positive_int, default=None, help="version to export (default: the next free one)"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"train on {QUICK_TRAIN_EXAMPLES} images and evaluate on {QUICK_TEST_EXAMPLES}, in seconds; "
-        "changes the defaults of --epochs to 1 and --batch-size to 64",
-    )
-    parser.add_argument(
-        "--skip-if-exists",
-        action="store_true",
-        help="do nothing if the model is already exported (--version if given, else any version)",
-    )
-    if cli.quick_requested(argv):
-        parser.set_defaults(**QUICK_DEFAULTS)  # defaults only: values given explicitly still win
-    args = parser.parse_args(argv)
-    cli.check_recipe_arguments(parser, args)
-    if args.num_threads < 0:
-        parser.error(f"--num-threads {args.num_threads}: expected 0 (TensorFlow's default) or a positive count")
-    if args.log_interval < 0:
-        parser.error(f"--log-interval {args.log_interval}: expected 0 or a positive number of steps")
-    return args
+    return parser
+
+
+def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    return cli.parse_trainer_args(parser or build_parser(), argv)
 
 
 # --- devices and distribution -------------------------------------------------------------------
@@ -132,16 +95,20 @@ def set_cpu_threads(count: int) -> None:
 
 
 def select_devices(device: str) -> list[tf.config.PhysicalDevice]:
-    """Restrict TensorFlow to the requested devices; returns the GPUs it may use."""
+    """Restrict TensorFlow to the requested devices (``cli.device_spec`` forms); returns the GPUs it may use."""
     gpus = tf.config.list_physical_devices("GPU")
-    if device in ("gpu", "cuda") and not gpus:
-        raise RuntimeError(f"--device {device} requested but TensorFlow sees no GPU; use --device auto or cpu")
-    if device == "cpu" and gpus:
+    if device.startswith("cuda") and not gpus:
+        raise RuntimeError(f"device {device!r} requested but TensorFlow sees no GPU; use 'auto' or 'cpu'")
+    if device == "cpu" or device.startswith("cuda:"):
+        index = int(device.partition(":")[2] or -1)
+        if index >= len(gpus):
+            raise RuntimeError(f"device {device!r} requested but TensorFlow sees only {len(gpus)} GPU(s)")
+        keep = [] if device == "cpu" else [gpus[index]]
         try:
-            tf.config.set_visible_devices([], "GPU")
+            tf.config.set_visible_devices(keep, "GPU")
         except RuntimeError as exc:
-            raise RuntimeError("--device cpu must be applied before TensorFlow initialises its devices") from exc
-        return []
+            raise RuntimeError(f"device {device!r} must be chosen before TensorFlow initialises its devices") from exc
+        return keep
     return gpus
 
 
@@ -228,7 +195,7 @@ def make_optimizer(name: str, lr: float, momentum: float, total_steps: int) -> t
 
 
 @dataclass(frozen=True)
-class EpochResult:
+class EpochStats:
     loss: float
     accuracy: float
     examples: int
@@ -239,71 +206,90 @@ class EpochResult:
         return self.examples / self.seconds if self.seconds > 0 else 0.0
 
 
-class Trainer:
-    """The model, its optimizer and the distributed train/eval steps (the tf.distribute custom-loop pattern).
+# The steps are written out rather than left to ``Model.fit``, which fails under
+# MultiWorkerMirroredStrategy in Keras 3 (keras-team/keras#20585): each replica runs ``train_step`` on
+# its share of the global batch, the optimizer all-reduces the gradients, and the per-replica sums
+# (loss, correct, count) are reduced once per step by ``on_every_replica``.
 
-    Keras 3's ``Model.fit`` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585), so the
-    steps are written out: each replica computes its share of the global batch, the optimizer
-    all-reduces the gradients, and the per-replica sums (loss, correct, count) are reduced once.
+
+def _sums(labels: tf.Tensor, logits: tf.Tensor, per_example_loss: tf.Tensor) -> tf.Tensor:
+    correct = tf.cast(tf.argmax(logits, axis=1) == labels, tf.float32)
+    count = tf.cast(tf.shape(labels)[0], tf.float32)
+    return tf.stack([tf.reduce_sum(per_example_loss), tf.reduce_sum(correct), count])  # [3]
+
+
+def train_step(
+    model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer, images: tf.Tensor, labels: tf.Tensor,
+    global_batch: int,
+) -> tf.Tensor:  # fmt: skip
+    """One optimisation step on a replica's share of a batch (normalised ``[B, 28, 28, 1]``, labels ``[B]``).
+
+    Returns the sums ``[loss, correct, count]`` over the share.
     """
+    with tf.GradientTape() as tape:
+        logits = model(images, training=True)  # [B, 10]
+        per_example_loss = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        # Divide by the global batch: the optimizer sums the replicas' gradients.
+        loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=global_batch)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return _sums(labels, logits, per_example_loss)
 
-    def __init__(self, cluster: Cluster, args: argparse.Namespace, global_batch: int, total_steps: int) -> None:
-        self.strategy = cluster.strategy
-        self.global_batch = global_batch
-        with self.strategy.scope():  # variables become mirrored across replicas and workers
-            self.model = build_model()
-            self.optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, total_steps)
-        self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
-    def _sums(self, labels: tf.Tensor, logits: tf.Tensor, per_example_loss: tf.Tensor) -> tf.Tensor:
-        correct = tf.cast(tf.argmax(logits, axis=1) == labels, tf.float32)
-        count = tf.cast(tf.shape(labels)[0], tf.float32)
-        return tf.stack([tf.reduce_sum(per_example_loss), tf.reduce_sum(correct), count])  # [3]
+def eval_step(model: tf.keras.Model, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """The sums ``[loss, correct, count]`` of the model on a replica's share of a test batch."""
+    logits = model(images, training=False)
+    return _sums(labels, logits, tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
-    @tf.function
-    def train_step(self, batch: tuple[Any, Any]) -> tf.Tensor:
-        def step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-            with tf.GradientTape() as tape:
-                logits = self.model(images, training=True)
-                per_example_loss = self.loss_fn(labels, logits)
-                # Divide by the global batch: the optimizer sums the replicas' gradients.
-                loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=self.global_batch)
-            grads = tape.gradient(loss, self.model.trainable_variables)
-            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-            return self._sums(labels, logits, per_example_loss)
 
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(step, args=batch), axis=None)
+def on_every_replica(
+    strategy: tf.distribute.Strategy, step: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+) -> Callable[[Any], tf.Tensor]:
+    """``step(images, labels)`` on every replica's share of a distributed batch, summed: one ``tf.function``."""
 
     @tf.function
-    def eval_step(self, batch: tuple[Any, Any]) -> tf.Tensor:
-        def step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-            logits = self.model(images, training=False)
-            return self._sums(labels, logits, self.loss_fn(labels, logits))
+    def run(batch: tuple[Any, Any]) -> tf.Tensor:
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=batch), axis=None)
 
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(step, args=batch), axis=None)
+    return run
 
-    def train_epoch(self, dataset: tf.data.Dataset, epoch: int, log_interval: int) -> EpochResult:
-        started = time.perf_counter()
-        totals = tf.zeros(3)
-        for step, batch in enumerate(self.strategy.experimental_distribute_dataset(dataset), start=1):
-            totals += self.train_step(batch)
-            if log_interval and step % log_interval == 0:
-                loss_sum, _, count = totals.numpy()
-                log.info("epoch %d  step %d  loss %.4f", epoch, step, loss_sum / count)
-        loss_sum, correct, count = totals.numpy()  # waits for the last step
-        return EpochResult(loss_sum / count, correct / count, int(count), time.perf_counter() - started)
 
-    def evaluate(self, dataset: tf.data.Dataset) -> EpochResult:
-        started = time.perf_counter()
-        totals = tf.zeros(3)
-        for batch in self.strategy.experimental_distribute_dataset(dataset):
-            totals += self.eval_step(batch)
-        loss_sum, correct, count = totals.numpy()
-        return EpochResult(loss_sum / count, correct / count, int(count), time.perf_counter() - started)
+def train_epoch(
+    run_step: Callable[[Any], tf.Tensor],
+    strategy: tf.distribute.Strategy,
+    dataset: tf.data.Dataset,
+    steps: int,
+    epoch: int,
+    log_interval: int,
+    is_chief: bool,
+) -> EpochStats:
+    """One pass over the training set; returns the stats summed over every replica and worker."""
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, disable=None if is_chief else True)
+    # Without a bar (output to a file or pipe), progress lines instead; from the chief only.
+    log_every = log_interval if bar.disable and is_chief else 0
+    started = time.perf_counter()
+    totals = tf.zeros(3)
+    for step, batch in enumerate(strategy.experimental_distribute_dataset(dataset), start=1):
+        totals += run_step(batch)
+        bar.update()
+        if log_every and step % log_every == 0:
+            loss_sum, _, count = totals.numpy()
+            log.info("epoch %d  step %d/%d  loss %.4f", epoch, step, steps, loss_sum / count)
+    bar.close()
+    loss_sum, correct, count = totals.numpy()  # waits for the last step
+    return EpochStats(loss_sum / count, correct / count, int(count), time.perf_counter() - started)
 
-    @property
-    def learning_rate(self) -> float:
-        return float(self.optimizer.learning_rate)
+
+def evaluate(
+    run_step: Callable[[Any], tf.Tensor], strategy: tf.distribute.Strategy, dataset: tf.data.Dataset
+) -> EpochStats:
+    """Mean loss and accuracy over the test set; each replica takes its share of every batch."""
+    started = time.perf_counter()
+    totals = tf.zeros(3)
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        totals += run_step(batch)
+    loss_sum, correct, count = totals.numpy()
+    return EpochStats(loss_sum / count, correct / count, int(count), time.perf_counter() - started)
 
 
 # --- TensorBoard --------------------------------------------------------------------------------
@@ -319,7 +305,7 @@ class TensorBoardLog:
         self.sample_images = sample_images  # uint8 [N, 28, 28]
         self.sample_labels = sample_labels
 
-    def write_epoch(self, epoch: int, model: tf.keras.Model, train: EpochResult, test: EpochResult, lr: float) -> None:
+    def write_epoch(self, epoch: int, model: tf.keras.Model, train: EpochStats, test: EpochStats, lr: float) -> None:
         with self.train.as_default(step=epoch):
             tf.summary.scalar("loss", train.loss)
             tf.summary.scalar("accuracy", train.accuracy)
@@ -356,48 +342,33 @@ class TensorBoardLog:
             writer.close()
 
 
-def run_name(args: argparse.Namespace) -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{args.optimizer}-lr{args.lr:g}-bs{args.batch_size}{'-quick' if args.quick else ''}"
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
-def existing_export(args: argparse.Namespace) -> Path | None:
-    """The already exported version that --skip-if-exists / --version refer to, if any."""
-    base = model_base_path(args.output_dir, contract.TF_FRAMEWORK_DIR, contract.MODEL_NAME)
-    if args.version is not None:
-        path = base / str(args.version)
-        return path if path.exists() else None
-    latest = latest_version(base)
-    return None if latest is None else base / str(latest)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """Train, log to TensorBoard, export; return a summary (``export_path`` is set on the chief only)."""
+    parser = build_parser()
+    args = parse_args(argv, parser)
 
-    existing = existing_export(args)
-    if existing is not None and args.skip_if_exists:
-        log.info("--skip-if-exists: %s is already exported, nothing to do", existing)
+    # Checked before training, not minutes later when the export would fail.
+    existing = cli.check_before_training(parser, args, contract.TF_FRAMEWORK_DIR)
+    if existing is not None:
+        log.info("--skip-if-exists: %s is already exported; nothing to do", existing)
         return {"framework": "tensorflow", "skipped": True, "export_path": str(existing), "version": int(existing.name)}
-    if existing is not None and args.version is not None:
-        raise FileExistsError(
-            f"{existing} already exists and versions are immutable; "
-            "choose another --version, omit it for the next free one, or pass --skip-if-exists"
-        )
-
     if args.num_threads:
         set_cpu_threads(args.num_threads)
+    try:
+        gpus = select_devices(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
     # The strategy must exist before TensorFlow runs any op (MultiWorkerMirroredStrategy insists).
-    cluster = make_cluster(select_devices(args.device))
+    cluster = make_cluster(gpus)
     tf.keras.utils.set_random_seed(args.seed)
 
     data_dir = mnist_data.resolve_data_dir(args.data_dir)
     train, test = mnist_data.load_mnist(data_dir)
     if args.quick:
-        train, test = subset(train, QUICK_TRAIN_EXAMPLES), subset(test, QUICK_TEST_EXAMPLES)
+        train, test = subset(train, recipe.QUICK_TRAIN_EXAMPLES), subset(test, recipe.QUICK_TEST_EXAMPLES)
     global_batch = args.batch_size * cluster.replicas
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
@@ -407,9 +378,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     train_ds = make_dataset(train, global_batch, shuffle=True, seed=args.seed, drop_remainder=True)
     test_ds = make_dataset(test, EVAL_BATCH_SIZE, shuffle=False, seed=args.seed, drop_remainder=False)
-    trainer = Trainer(cluster, args, global_batch, total_steps=steps_per_epoch * args.epochs)
+    with cluster.strategy.scope():  # variables become mirrored across replicas and workers
+        model = build_model()
+        optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, steps_per_epoch * args.epochs)
+    train_fn = on_every_replica(
+        cluster.strategy, functools.partial(train_step, model, optimizer, global_batch=global_batch)
+    )
+    eval_fn = on_every_replica(cluster.strategy, functools.partial(eval_step, model))
 
-    name = run_name(args)
+    name = cli.default_run_name(args, cluster.replicas)
     run_dir = args.log_dir / contract.TF_FRAMEWORK_DIR / name
     tensorboard = (  # only the chief writes TensorBoard logs
         TensorBoardLog(run_dir, test.images[:SAMPLE_IMAGES], test.labels[:SAMPLE_IMAGES]) if cluster.is_chief else None
@@ -428,7 +405,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tf.config.threading.get_intra_op_parallelism_threads() or "default (one per core)",
     )
     started = time.perf_counter()
-    epochs, evaluation = fit(trainer, train_ds, test_ds, args.epochs, args.log_interval, tensorboard)
+    epochs: list[EpochStats] = []
+    evaluation = EpochStats(float("nan"), float("nan"), 0, 0.0)
+    try:
+        for epoch in range(1, args.epochs + 1):
+            lr_at_start = float(optimizer.learning_rate)  # the schedule moves it every step
+            stats = train_epoch(
+                train_fn, cluster.strategy, train_ds, steps_per_epoch, epoch, args.log_interval, cluster.is_chief
+            )
+            evaluation = evaluate(eval_fn, cluster.strategy, test_ds)
+            epochs.append(stats)
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.2e  %.0f images/s  %.1fs",
+                epoch, args.epochs, stats.loss, stats.accuracy, evaluation.loss, evaluation.accuracy, lr_at_start,
+                stats.images_per_second, stats.seconds,
+            )  # fmt: skip
+            if tensorboard:
+                tensorboard.write_epoch(epoch, model, stats, evaluation, lr_at_start)
+    finally:
+        if tensorboard:
+            tensorboard.close()
     train_seconds = time.perf_counter() - started
     images_per_second = sum(e.examples for e in epochs) / sum(e.seconds for e in epochs)
 
@@ -453,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "workers": cluster.num_workers,
         "tensorboard_run": name,
     }
-    export_path = export(trainer.model, cluster, args, test, metadata)
+    export_path = export(model, cluster, args, test, metadata)
 
     summary = {
         "framework": "tensorflow",
@@ -483,41 +479,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def fit(
-    trainer: Trainer,
-    train_ds: tf.data.Dataset,
-    test_ds: tf.data.Dataset,
-    epochs: int,
-    log_interval: int,
-    tensorboard: TensorBoardLog | None,
-) -> tuple[list[EpochResult], EpochResult]:
-    """Train for ``epochs``, evaluating on the test set after each; returns (per-epoch results, last evaluation)."""
-    results = []
-    try:
-        for epoch in range(1, epochs + 1):
-            lr = trainer.learning_rate  # at the start of the epoch; the schedule decays it per step
-            result = trainer.train_epoch(train_ds, epoch, log_interval)
-            evaluation = trainer.evaluate(test_ds)
-            results.append(result)
-            log.info(
-                "epoch %d/%d  loss %.4f  accuracy %.4f  test loss %.4f  test accuracy %.4f  lr %.2e  %.0f images/s",
-                epoch,
-                epochs,
-                result.loss,
-                result.accuracy,
-                evaluation.loss,
-                evaluation.accuracy,
-                lr,
-                result.images_per_second,
-            )
-            if tensorboard:
-                tensorboard.write_epoch(epoch, trainer.model, result, evaluation, lr)
-    finally:
-        if tensorboard:
-            tensorboard.close()
-    return results, evaluation
-
-
 def export(
     model: tf.keras.Model,
     cluster: Cluster,
@@ -540,4 +501,5 @@ def export(
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     main()

@@ -12,6 +12,10 @@ Several processes or GPUs, with DistributedDataParallel (gloo on CPU, NCCL on GP
 Every run writes TensorBoard logs under ``<log-dir>/torch/<run-name>/{train,test,samples}`` and
 publishes ``<output-dir>/torch/mnist/<version>/{model.pt,model.json}``; the
 export is loaded back and checked on the test set before it is published.
+
+The same flags and the same skeleton as ``training/train_tf.py`` (the flags are declared once in
+``training/cli.py``): ``build_parser``/``parse_args``, ``train_step``, ``train_epoch``, ``evaluate``,
+``TensorBoardLog``, ``main``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,79 +42,35 @@ from tqdm import tqdm
 
 from mnist_client import contract
 from mnist_client.cpus import usable_cpus
-from serving.model_repository import list_versions, model_base_path
 from training import cli, mnist_data, recipe
 from training.model_torch import Net, export_torchscript, select_device
 
 log = logging.getLogger("train_torch")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# --quick: enough data for clearly-above-chance accuracy in a few seconds.
-QUICK_TRAIN_EXAMPLES = 3000
-QUICK_TEST_EXAMPLES = 1000
-QUICK_EPOCHS = 1
 SAMPLE_IMAGES = 16  # test images shown with their predictions in TensorBoard
 BATCH_LOG_EVERY = 50  # steps between per-batch TensorBoard scalars
 EVAL_BATCH_SIZE = 1000
 
 
-def device_spec(text: str) -> str:
-    if text != "auto":
-        try:
-            device = torch.device(text)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The flags both trainers share (training/cli.py), with PyTorch's words for devices and threads."""
     parser = argparse.ArgumentParser(
         prog="python -m training.train_torch",
         description="Train the MNIST CNN in PyTorch and export it as TorchScript.",
         formatter_class=cli.DefaultsHelpFormatter,
     )
-    cli.add_recipe_arguments(parser, batch_size_help="images per step (per process)")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (weights, shuffling, dropout)")
-    parser.add_argument(
-        "--device", type=device_spec, default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
-    )
-    parser.add_argument(
-        "--num-threads",
-        type=cli.non_negative_int,
-        default=0,
-        help="intra-op CPU threads per process; 0 = the CPUs available divided by the local processes",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder with the four MNIST .gz files (default: $MNIST_DATA_DIR, else ../shared/data/mnist "
-        "if present, else downloaded into $MNIST_CACHE_DIR)",
-    )
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "models", help="model repository root")
-    parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / "runs", help="TensorBoard log root")
-    parser.add_argument("--run-name", default=None, help="TensorBoard run name (default: timestamp and settings)")
-    parser.add_argument(
-        "--log-interval",
-        type=cli.non_negative_int,
-        default=100,
-        help="log the running loss every N steps when no progress bar is shown (output not a terminal); "
-        "0: per epoch only",
-    )
-    parser.add_argument("--version", type=cli.positive_int, default=None, help="version to export (default: next free)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"train on the first {QUICK_TRAIN_EXAMPLES} training images, evaluate and export on the first "
-        f"{QUICK_TEST_EXAMPLES} test images, 1 epoch unless --epochs is given (seconds; for tests)",
-    )
-    parser.add_argument(
-        "--skip-if-exists",
-        action="store_true",
-        help="do nothing if the model is already exported (the given --version, or any version)",
+    cli.add_trainer_arguments(
+        parser,
+        framework_dir=contract.TORCH_FRAMEWORK_DIR,
+        replica="process",
+        device_help="auto: CUDA when available, else the CPU; cpu; cuda or cuda:N (gpu, gpu:N: the same)",
+        threads_help="the CPUs available to the process divided by the local processes (torch intra-op threads)",
     )
     return parser
+
+
+def parse_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    return cli.parse_trainer_args(parser or build_parser(), argv)
 
 
 @dataclass(frozen=True)
@@ -238,9 +197,10 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, info: DistInfo) -> tuple[float, float]:
-    """(mean loss, accuracy) over the test set; each process takes every world_size-th image."""
+def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, info: DistInfo) -> EpochStats:
+    """Mean loss and accuracy over the test set; each process takes every world_size-th image."""
     net.eval()
+    started = time.perf_counter()
     shard_x, shard_y = images[info.rank :: info.world_size], labels[info.rank :: info.world_size]
     loss_sum, correct = 0.0, 0
     for start in range(0, len(shard_y), EVAL_BATCH_SIZE):
@@ -251,7 +211,7 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, info: D
     loss_total, correct_total, examples = _all_reduce_sum(
         [loss_sum, float(correct), float(len(shard_y))], images.device, info
     )
-    return loss_total / examples, correct_total / examples
+    return EpochStats(loss_total / examples, correct_total / examples, int(examples), time.perf_counter() - started)
 
 
 class TensorBoardLog:
@@ -316,15 +276,6 @@ def _num_threads(requested: int, info: DistInfo) -> int:
     return max(1, usable_cpus() // info.local_world_size)
 
 
-def _existing_export(models_root: Path, version: int | None) -> Path | None:
-    """The published version ``version`` (or the latest one if None), if there is one."""
-    base = model_base_path(models_root, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
-    versions = list_versions(base)
-    if version is None:
-        return base / str(versions[-1]) if versions else None
-    return base / str(version) if version in versions else None
-
-
 def _load_data(
     args: argparse.Namespace, info: DistInfo, device: torch.device
 ) -> tuple[Path, mnist_data.Split, mnist_data.Split]:
@@ -340,35 +291,28 @@ def _load_data(
     train = mnist_data.load_split("train", data_dir)
     test = mnist_data.load_split("test", data_dir)
     if args.quick:
-        train = mnist_data.Split(train.images[:QUICK_TRAIN_EXAMPLES], train.labels[:QUICK_TRAIN_EXAMPLES])
-        test = mnist_data.Split(test.images[:QUICK_TEST_EXAMPLES], test.labels[:QUICK_TEST_EXAMPLES])
+        train, test = subset(train, recipe.QUICK_TRAIN_EXAMPLES), subset(test, recipe.QUICK_TEST_EXAMPLES)
     return data_dir, train, test
+
+
+def subset(split: mnist_data.Split, count: int) -> mnist_data.Split:
+    return mnist_data.Split(images=split.images[:count], labels=split.labels[:count])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, log to TensorBoard, export; return a summary (``export_path`` is set on rank 0 only)."""
     started = time.perf_counter()
     parser = build_parser()
-    if cli.quick_requested(argv):
-        parser.set_defaults(epochs=QUICK_EPOCHS)  # a default only: an explicit --epochs still wins
-    args = parser.parse_args(argv)
-    cli.check_recipe_arguments(parser, args)
+    args = parse_args(argv, parser)
     lr = args.lr
     info = DistInfo.from_env()
 
-    existing = _existing_export(args.output_dir, args.version)
-    if args.skip_if_exists and existing is not None:
+    # Checked before training, not minutes later when the export would fail.
+    existing = cli.check_before_training(parser, args, contract.TORCH_FRAMEWORK_DIR)
+    if existing is not None:
         if info.is_main:
             log.info("--skip-if-exists: %s is already exported; nothing to do", existing)
         return {"framework": "pytorch", "skipped": True, "export_path": str(existing), "version": int(existing.name)}
-    if args.version is not None and existing is not None:
-        # Checked before training, not minutes later when the export would fail.
-        parser.error(
-            f"--version {args.version}: {existing} already exists and versions are immutable; "
-            "pass another --version, omit it for the next free one, or add --skip-if-exists"
-        )
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        parser.error(f"--data-dir {args.data_dir}: not a directory (expected the folder with the four MNIST .gz files)")
     try:
         device = select_device(args.device)
     except RuntimeError as exc:
@@ -435,10 +379,7 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
     }
     board = None
     if info.is_main:
-        run_name = args.run_name or (
-            f"{datetime.now():%Y%m%d-%H%M%S}-{args.optimizer}-lr{lr:g}-bs{args.batch_size}x{info.world_size}"
-            + ("-quick" if args.quick else "")
-        )
+        run_name = cli.default_run_name(args, info.world_size)
         board = TensorBoardLog(Path(args.log_dir) / contract.TORCH_FRAMEWORK_DIR / run_name, hyperparameters)
         log.info(
             "training on %d images (%d per process), %d test images; device %s, world size %d, %d threads, %s",
@@ -456,7 +397,8 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
             args.log_interval,
         )
         train_seconds += stats.seconds
-        test_loss, test_accuracy = evaluate(net, test_x, test_y, info)
+        evaluation = evaluate(net, test_x, test_y, info)
+        test_loss, test_accuracy = evaluation.loss, evaluation.accuracy
         if board is not None:
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  %.0f images/s  %.1fs",
