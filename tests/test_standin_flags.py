@@ -36,9 +36,14 @@ def test_both_flag_syntaxes_and_boolean_forms() -> None:
     ("argv", "fragment"),
     [
         (["--monitoring_config_file=/etc/m.config"], "--monitoring_config_file is a tensorflow_model_server flag "
-                                                     "the stand-in does not support: Prometheus metrics"),
+                                                     "the stand-in does not support: the stand-in serves no "
+                                                     "Prometheus metrics"),
         (["--per_process_gpu_memory_fraction=0.5"], "does not support: the stand-in runs on CPU"),
-        (["--rest_api_port=8501"], "the stand-in serves gRPC only"),
+        (["--rest_api_port=8500"], "--rest_api_port=8500 is the gRPC --port too"),
+        (["--rest_api_port=65536"], "must be a TCP port"),
+        (["--rest_api_num_threads=-1"], "must be at least 0"),
+        (["--standin_rest_max_body_bytes=0"], "must be at least 1"),
+        (["--rest_api_enable_cors_support"], "sends no CORS headers"),
         (["--modelbasepath=/m"], "unknown flag --modelbasepath"),
         (["--port=eighty"], "--port='eighty': expected an integer"),
         (["--port=70000"], "must be a TCP port"),
@@ -54,6 +59,12 @@ def test_bad_flags_are_refused_with_the_reason(argv: list[str], fragment: str) -
     with pytest.raises(FlagError) as caught:
         parse_flags(BASE + argv)
     assert fragment in str(caught.value)
+
+
+def test_rest_api_flags_are_tensorflow_model_servers() -> None:
+    options = parse_flags([*BASE, "--rest_api_port=8501", "--rest_api_num_threads=3", "--rest_api_timeout_in_ms=500"])
+    assert (options.rest_api_port, options.rest_api_num_threads, options.rest_api_timeout_in_ms) == (8501, 3, 500)
+    assert parse_flags(BASE).rest_api_timeout_in_ms == 30_000  # TF Serving's default
 
 
 def test_a_model_is_required() -> None:

@@ -1,4 +1,4 @@
-"""A development stand-in for TensorFlow Serving's gRPC API (not for production).
+"""A development stand-in for TensorFlow Serving's gRPC and REST APIs (not for production).
 
 Serves SavedModels from TF Serving's model base path layout with the same
 services, status codes and command-line flags as ``tensorflow_model_server``,

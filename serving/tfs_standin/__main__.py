@@ -22,7 +22,7 @@ from serving.tfs_standin.server import ModelServer, ServerStartError
 
 log = logging.getLogger("serving.tfs_standin")
 
-STANDIN_VERSION = "TF Serving stand-in (serving.tfs_standin), gRPC API of TensorFlow Serving"
+STANDIN_VERSION = "TF Serving stand-in (serving.tfs_standin), gRPC and REST APIs of TensorFlow Serving"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

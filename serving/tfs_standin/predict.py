@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -91,6 +91,18 @@ def _shape_text(dims: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in dims) + "]"
 
 
+def check_shape(dims: Sequence[int], spec: TensorSpec, where: str = "the signature") -> None:
+    """INVALID_ARGUMENT unless ``dims`` fits the signature's shape for ``spec`` (None: any size)."""
+    expected = spec.shape
+    if expected is None:
+        return
+    fits = len(dims) == len(expected) and all(want is None or got == want for got, want in zip(dims, expected))
+    if not fits:
+        raise status.invalid_argument(
+            f"input '{spec.alias}' has shape {_shape_text(dims)}, but {where} expects {spec.shape_text()} (-1: any size)"
+        )
+
+
 def decode_tensor(proto: tensor_pb2.TensorProto, spec: TensorSpec, where: str = "the signature") -> np.ndarray:
     """The ndarray in ``proto``, checked against ``spec``; INVALID_ARGUMENT if it does not fit.
 
@@ -106,18 +118,7 @@ def decode_tensor(proto: tensor_pb2.TensorProto, spec: TensorSpec, where: str = 
     if shape_proto.unknown_rank:
         raise status.invalid_argument(f"input '{alias}' has an unknown rank; {where} expects shape {spec.shape_text()}")
     dims = tuple(d.size for d in shape_proto.dim)
-    expected = spec.shape
-    if expected is not None:
-        fits = len(dims) == len(expected)
-        if fits:
-            for got, want in zip(dims, expected):
-                if want is not None and got != want:
-                    fits = False
-                    break
-        if not fits:
-            raise status.invalid_argument(
-                f"input '{alias}' has shape {_shape_text(dims)}, but {where} expects {spec.shape_text()} (-1: any size)"
-            )
+    check_shape(dims, spec, where)
     if dims and min(dims) < 0:
         raise status.invalid_argument(f"input '{alias}' has shape {_shape_text(dims)}; sizes must not be negative")
     count = math.prod(dims)
@@ -170,25 +171,38 @@ def _decode_values(proto: tensor_pb2.TensorProto, spec: TensorSpec, dims: tuple[
 
 def decode_inputs(request_inputs: Mapping[str, tensor_pb2.TensorProto], signature: Signature) -> list[np.ndarray]:
     """The request's inputs as arrays in ``signature.input_order``."""
+    check_input_names(request_inputs, signature)
+    where = signature.where
+    return [decode_tensor(request_inputs[alias], signature.inputs[alias], where) for alias in signature.input_order]
+
+
+def check_input_names(names: Collection[str], signature: Signature) -> None:
+    """INVALID_ARGUMENT unless ``names`` are exactly the signature's inputs (TF Serving's messages)."""
     expected = signature.input_order
-    if len(request_inputs) != len(expected):
-        sent, wanted = {status.clip(a) for a in request_inputs}, set(expected)
+    if len(names) != len(expected):
+        sent, wanted = {status.clip(a) for a in names}, set(expected)
         raise status.invalid_argument(
             f"input size does not match signature: {len(sent)}!={len(wanted)} len({{{','.join(sorted(sent))}}}) "
             f"!= len({{{','.join(sorted(wanted))}}}). Sent extra: {{{','.join(sorted(sent - wanted))}}}. "
             f"Missing but required: {{{','.join(sorted(wanted - sent))}}}."
         )
-    where = signature.where
-    arrays = []
-    for alias in expected:
-        if alias not in request_inputs:
-            unknown = sorted(status.clip(a) for a in set(request_inputs) - set(expected))
-            raise status.invalid_argument(
-                f"input tensor alias not found in signature: {', '.join(unknown)}. Inputs expected to be in the "
-                f"set {{{','.join(expected)}}}."
-            )
-        arrays.append(decode_tensor(request_inputs[alias], signature.inputs[alias], where))
-    return arrays
+    unknown = sorted(status.clip(a) for a in set(names) - set(expected))
+    if unknown:
+        raise status.invalid_argument(
+            f"input tensor alias not found in signature: {', '.join(unknown)}. Inputs expected to be in the "
+            f"set {{{','.join(expected)}}}."
+        )
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], signature: Signature) -> list[np.ndarray]:
+    """Decoded inputs (REST's JSON tensors) checked as ``decode_inputs`` checks protos, in feed order."""
+    check_input_names(arrays, signature)
+    ordered = []
+    for alias in signature.input_order:
+        array = arrays[alias]
+        check_shape(array.shape, signature.inputs[alias], signature.where)
+        ordered.append(array)
+    return ordered
 
 
 def output_aliases(output_filter: Sequence[str], signature: Signature) -> tuple[str, ...]:

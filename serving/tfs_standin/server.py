@@ -1,4 +1,4 @@
-"""The stand-in's gRPC server: services, health, TLS, message limits and graceful stop.
+"""The stand-in's gRPC server and its REST API: services, health, TLS, message limits and graceful stop.
 
 Library entry for tests and benchmarks::
 

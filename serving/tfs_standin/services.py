@@ -4,7 +4,8 @@
 (Classify, Regress and MultiInference answer UNIMPLEMENTED with the reason).
 ``tensorflow.serving.ModelService``: GetModelStatus and HandleReloadConfigRequest.
 Every ServingError becomes its status code and message; anything unexpected is
-logged and answered INTERNAL, and the server keeps serving.
+logged and answered INTERNAL, and the server keeps serving. ``model_status`` and
+``model_metadata`` build the answers that the REST API (rest.py) writes as JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -62,6 +64,49 @@ def call_deadline(context: grpc.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
+def model_metadata(core: ServerCore, spec: model_pb2.ModelSpec) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    """GetModelMetadata's answer (the signature_def field) for the version ``spec`` resolves to (gRPC and REST)."""
+    servable = core.servable_for(spec)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = servable.name
+    response.model_spec.version.value = servable.version
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature_def in servable.signature_defs.items():
+        signature_map.signature_def[key].CopyFrom(signature_def)
+    response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
+    return response
+
+
+def model_status(core: ServerCore, spec: model_pb2.ModelSpec) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatus's answer: the state of one version (``spec.version``) or of all (gRPC and REST)."""
+    try:
+        manager = core.manager(spec.name)
+    except status.ServingError:
+        raise status.not_found(
+            f"Could not find any versions of model {status.clip(spec.name)}; this server serves models "
+            f"{{{','.join(core.model_names)}}}"
+        ) from None
+    if spec.HasField("version"):
+        found = manager.status_of(spec.version.value)
+        if found is None:
+            raise status.not_found(f"Could not find version {spec.version.value} of model {status.clip(spec.name)}")
+        statuses = [found]
+    else:
+        statuses = manager.statuses()
+        if not statuses:
+            raise status.not_found(
+                f"Could not find any versions of model {spec.name} (none under {manager.config.base_path} yet)"
+            )
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version_status in statuses:
+        entry = response.model_version_status.add()
+        entry.version = version_status.version
+        entry.state = version_status.state  # type: ignore[assignment]
+        entry.status.error_code = status.status_code_number(version_status.error_code)  # type: ignore[assignment]
+        entry.status.error_message = version_status.error_message
+    return response
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, core: ServerCore, tensor_content: bool) -> None:
         self._core = core
@@ -90,15 +135,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise status.invalid_argument(
                     f"Metadata field {status.clip(field)} is not supported; the supported field is {SIGNATURE_DEF_FIELD}"
                 )
-        servable = self._core.servable_for(request.model_spec)
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = servable.name
-        response.model_spec.version.value = servable.version
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for key, signature_def in servable.signature_defs.items():
-            signature_map.signature_def[key].CopyFrom(signature_def)
-        response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
-        return response
+        return model_metadata(self._core, request.model_spec)
 
     def _unimplemented(self, name: str, context: grpc.ServicerContext) -> Any:
         context.abort(
@@ -126,35 +163,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     ) -> get_model_status_pb2.GetModelStatusResponse:
         if not request.HasField("model_spec"):
             raise status.invalid_argument("Missing ModelSpec")
-        spec = request.model_spec
-        try:
-            manager = self._core.manager(spec.name)
-        except status.ServingError:
-            raise status.not_found(
-                f"Could not find any versions of model {status.clip(spec.name)}; this server serves models "
-                f"{{{','.join(self._core.model_names)}}}"
-            ) from None
-        if spec.HasField("version"):
-            found = manager.status_of(spec.version.value)
-            if found is None:
-                raise status.not_found(
-                    f"Could not find version {spec.version.value} of model {status.clip(spec.name)}"
-                )
-            statuses = [found]
-        else:
-            statuses = manager.statuses()
-            if not statuses:
-                raise status.not_found(
-                    f"Could not find any versions of model {spec.name} (none under {manager.config.base_path} yet)"
-                )
-        response = get_model_status_pb2.GetModelStatusResponse()
-        for version_status in statuses:
-            entry = response.model_version_status.add()
-            entry.version = version_status.version
-            entry.state = version_status.state  # type: ignore[assignment]
-            entry.status.error_code = status.status_code_number(version_status.error_code)  # type: ignore[assignment]
-            entry.status.error_message = version_status.error_message
-        return response
+        return model_status(self._core, request.model_spec)
 
     @_handler
     def HandleReloadConfigRequest(  # noqa: N802
