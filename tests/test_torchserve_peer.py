@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from bench import torchserve_peer
+from bench import run_all, torchserve_peer
 from bench.inprocess import load_torchscript
 from bench.rest_server import PREDICT_PATH, json_body
 from bench.torchserve.server import archive_model, missing_requirements, running_torchserve
@@ -139,6 +139,16 @@ def test_bench_skips_saying_what_to_install_where_java_and_wrk_are_missing(
     skipped = " ".join(result["skipped"])
     assert "apt-get install -y openjdk-17-jre-headless" in skipped and "apt-get install -y wrk" in skipped
     assert json.loads((tmp_path / "torchserve_peer.json").read_text()) == result
+
+
+def test_make_bench_records_the_peer_as_skipped_and_succeeds_without_its_tools(
+    model_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    summary = run_all.main(["--only", "torchserve_peer", "--models-dir", str(model_repo), "--output-dir", str(tmp_path)])
+    assert summary["benchmarks"]["torchserve_peer"]["status"] == "skipped"
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
 def test_bench_refuses_fewer_than_three_rounds(capsys) -> None:
