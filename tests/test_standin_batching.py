@@ -24,6 +24,7 @@ from tests.test_standin_support import (
     server_options,
     stubs_for,
     tf_model_copy,  # noqa: F401 - fixture
+    wait_for,
 )
 
 X = TensorSpec("x", "x:0", types_pb2.DT_FLOAT, np.dtype(np.float32), (None, 2))
@@ -75,15 +76,15 @@ def _submit(scheduler: BatchScheduler, servable: Doubler, rows: np.ndarray,
 
 
 def test_concurrent_tasks_share_one_run_and_each_gets_its_own_rows(make_scheduler) -> None:
-    scheduler = make_scheduler(max_batch_size=64, batch_timeout_micros=200_000, num_batch_threads=1)
+    # 15 rows fill the batch exactly, which closes it at once; the 60 s timeout only bounds a broken run.
+    scheduler = make_scheduler(max_batch_size=15, batch_timeout_micros=60_000_000, num_batch_threads=1)
     servable = Doubler()
     tasks = [_rows(10 * i, i + 1) for i in range(5)]  # sizes 1..5
     with ThreadPoolExecutor(5) as pool:
         results = list(pool.map(lambda rows: _submit(scheduler, servable, rows), tasks))
     for rows, result in zip(tasks, results):
         np.testing.assert_array_equal(result, rows * 2)
-    assert sum(servable.batch_sizes) == 15
-    assert len(servable.batch_sizes) < 5  # batched, not one run per task
+    assert servable.batch_sizes == [15]  # one run for all five tasks
 
 
 def test_a_task_larger_than_max_batch_size_is_invalid(make_scheduler) -> None:
@@ -102,7 +103,7 @@ def test_a_full_queue_answers_unavailable(make_scheduler) -> None:
         running_task = pool.submit(_submit, scheduler, servable, _rows(0, 1))
         assert servable.started.wait(10)  # the only thread is busy with the first task
         queued_task = pool.submit(_submit, scheduler, servable, _rows(1, 1))
-        time.sleep(0.1)  # the second task now fills the one allowed batch
+        wait_for(lambda: scheduler.queued_tasks() == 1, what="the second task to fill the one allowed batch")
         with pytest.raises(status.ServingError) as caught:
             _submit(scheduler, servable, _rows(2, 1))
         servable.release.set()
@@ -128,15 +129,15 @@ def test_a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded(make_s
 
 
 def test_stop_finishes_queued_tasks_then_refuses_new_ones(make_scheduler) -> None:
-    scheduler = make_scheduler(max_batch_size=8, batch_timeout_micros=5_000_000)
+    # The batch would wait ten minutes for company: only stop() can have run it within the safety deadline.
+    scheduler = make_scheduler(max_batch_size=8, batch_timeout_micros=600_000_000)
     servable = Doubler()
     with ThreadPoolExecutor(1) as pool:
         queued = pool.submit(_submit, scheduler, servable, _rows(0, 2))
-        time.sleep(0.1)
-        started = time.monotonic()
-        scheduler.stop(timeout=10)
-        np.testing.assert_array_equal(queued.result(10), _rows(0, 2) * 2)
-    assert time.monotonic() - started < 2  # drained at once, not after the 5 s timeout
+        wait_for(lambda: scheduler.queued_tasks() == 1, what="the task to wait in the open batch")
+        scheduler.stop(timeout=60)
+        np.testing.assert_array_equal(queued.result(60), _rows(0, 2) * 2)
+    assert scheduler.queued_tasks() == 0
     with pytest.raises(status.ServingError) as caught:
         _submit(scheduler, servable, _rows(0, 1))
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE

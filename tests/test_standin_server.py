@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SLOW_BATCH_SECONDS = 3.0
 # Safety deadline for every wait below: far above anything a loaded machine needs.
 SAFETY_S = 60
-PROBE_IMAGES = 8
+PROBE_IMAGES = 64
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_sigterm_lets_an_in_flight_call_finish_and_exits_cleanly(
     # One batch per queue: a probe as large as a whole batch is refused as "queue is full" exactly when a
     # one-image call waits in the open batch, which is how this test sees, across processes, that the call
     # is in flight. A probe that finds the queue empty fills a batch of its own and is answered at once.
-    # (8: the model's warm-up records hold 8 images, and warm-up runs through the batcher.)
+    # (64: the model's warm-up records hold up to 64 images, and warm-up runs through the batcher.)
     batching = tmp_path / "probe_batching.txt"
     batching.write_text(f"max_batch_size {{ value: {PROBE_IMAGES} }}\nbatch_timeout_micros {{ value: {int(SLOW_BATCH_SECONDS * 1e6)} }}\n"
                         "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 1 }\n")

@@ -106,6 +106,11 @@ class BatchScheduler:
             log.info("batching: %d requests in %d batches (%.1f requests per batch)",
                      self.tasks_run, self.batches_run, self.tasks_run / self.batches_run)
 
+    def queued_tasks(self) -> int:
+        """Requests waiting in a batch that no batch thread has taken yet (an observable queue length)."""
+        with self._cond:
+            return sum(len(q.open) + sum(len(batch) for batch in q.closed) for q in self._queues.values())
+
     # --- the caller's side (gRPC handler threads) ------------------------------
 
     def run(
