@@ -22,6 +22,7 @@ EXPECTED_KINDS = {
     "training-cpu": {"PyTorchJob", "TFJob"},
     "training-gpu": {"PyTorchJob", "TFJob"},
     "loadtest": {"PersistentVolumeClaim", "Job"},
+    "web": {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"},
 }
 
 

@@ -22,7 +22,7 @@ from mnist_client import contract
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_MOUNT = "/models"
 OPERATOR_ENV = {"MASTER_ADDR": "mnist-torch-train-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "1"}
-OUR_IMAGES = ("mnist-torch-server", "mnist-tfserving", "mnist-torch-train", "mnist-tf-train", "mnist-loadtest")
+OUR_IMAGES = ("mnist-torch-server", "mnist-tfserving", "mnist-torch-train", "mnist-tf-train", "mnist-loadtest", "mnist-web")
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +320,41 @@ def test_merge_waits_for_every_pod_and_reads_their_folder(rendered: dict[str, li
     args = cli.build_parser().parse_args(merger["args"])
     assert args.command == "merge" and args.inputs == ["/results/parts"]
     assert str(args.json) == "/results/merged.json"
+
+
+# ------------------------------------------------------------------ the web page
+
+
+def test_web_page_asks_the_three_services_and_reads_the_merged_report(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from serving.web.config import WebConfig
+
+    objects = [*rendered["serving-cpu"], *rendered["loadtest"], *rendered["web"]]
+    pod = pod_spec(rendered["web"], "web")
+    web = container(pod, "web")
+    config = WebConfig.load(environ=env_of(web))  # the page's own settings parser
+    assert [(t.name, t.framework, t.protocol, t.address) for t in config.targets()] == [
+        ("torch-rest", "pytorch", "rest", f"http://torch-rest.{mc.NAMESPACE}.svc.cluster.local:{contract.REST_PORT}"),
+        ("tf-serving-rest", "tensorflow", "rest",
+         f"http://tfserving.{mc.NAMESPACE}.svc.cluster.local:{contract.TFS_REST_PORT}"),
+        ("tf-serving-grpc", "tensorflow", "grpc", f"tfserving.{mc.NAMESPACE}.svc.cluster.local:{contract.TFS_GRPC_PORT}"),
+    ]  # fmt: skip
+    # Each address names a Service of the serving stack on a port it serves.
+    for target in config.targets():
+        host, port = target.address.split("://")[-1].rsplit(":", 1)
+        service = find(objects, "Service", host.split(".")[0])
+        assert int(port) in [p["port"] for p in service["spec"]["ports"]], target
+    assert config.port == contract.WEB_PORT
+    assert [p["containerPort"] for p in web["ports"]] == [contract.WEB_PORT]
+    assert find(rendered["web"], "Service", "web")["spec"]["ports"][0]["port"] == contract.WEB_PORT
+    # The report view reads the folder the merge Job writes merged.json into; read-only.
+    merger = container(find(rendered["loadtest"], "Job", "mnist-loadtest-merge")["spec"]["template"]["spec"], "merge")
+    merged_json = next(a for a in merger["args"] if a.startswith("--json=")).partition("=")[2]
+    mount = mount_of(web, pod, "mnist-loadtest-results")
+    assert Path(merged_json).parent == config.reports_dir == Path(mount["mountPath"]) and mount["readOnly"] is True
+    # The MNIST test files the init container fetches are where the page reads them.
+    fetch = next(c for c in pod["initContainers"] if c["name"] == "fetch-mnist")
+    assert str(config.data_dir) == env_of(fetch)["MNIST_CACHE_DIR"] + "/mnist"
+    assert fetch["image"] == web["image"], "the page's own image carries the MNIST loader"
 
 
 # ------------------------------------------------------------------ images

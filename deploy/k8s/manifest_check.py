@@ -55,6 +55,7 @@ VARIANTS: Final[dict[str, str]] = {
     "training-cpu": "overlays/cpu/training",
     "training-gpu": "overlays/gpu/training",
     "loadtest": "loadtest",
+    "web": "web",
 }
 GPU_VARIANTS: Final = frozenset({"serving-gpu", "training-gpu"})
 GPU_RESOURCE: Final = "nvidia.com/gpu"
