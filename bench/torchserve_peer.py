@@ -263,12 +263,14 @@ def ratios(summary: dict[str, dict[str, Any]], peer: str) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.torchserve_peer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.torchserve_peer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results", help="JSON goes here")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models", help="models root (latest version)")
     parser.add_argument("--duration", type=whole_seconds, default=5, help="whole seconds per wrk run (default 5)")
-    parser.add_argument("--rounds", type=positive_int, default=3, help=f"interleaved rounds (>= {MIN_ROUNDS}; default 3)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help=f"interleaved rounds, >= {MIN_ROUNDS} (3)")
     parser.add_argument("--sweep-duration", type=whole_seconds, default=3, help="seconds per sweep point (3)")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
                         help="TorchServe batch sizes swept (default 4 8 16)")  # fmt: skip

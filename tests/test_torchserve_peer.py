@@ -62,7 +62,8 @@ def test_torchserve_with_the_handler_answers_like_the_model_and_the_project_serv
     predict, version_dir = load_torchscript(torch_base(model_repo))
     want_probabilities, want_classes = predict(images)
     archive = archive_model(version_dir, tmp_path / "store")
-    bad_bodies = [b'{"instances": [[1, 2]]}', b'{"instances": [[[0.5', json.dumps({"instances": [[[255] * 28] * 28]}).encode()]
+    raw_pixels = json.dumps({"instances": [[[255] * 28] * 28]}).encode()
+    bad_bodies = [b'{"instances": [[1, 2]]}', b'{"instances": [[[0.5', raw_pixels]
 
     with (
         running_torchserve(tmp_path / "torchserve", tmp_path / "store", {contract.MODEL_NAME: archive.name}) as ts,
@@ -78,10 +79,9 @@ def test_torchserve_with_the_handler_answers_like_the_model_and_the_project_serv
         from_batched = answers(f"{ts.inference_url}/predictions/mnist_batched", images, concurrency=8)
         from_project = answers(f"{project.url}{PREDICT_PATH}", images)
         # The same JSON body, refused with the same status and message by both servers.
-        refusals = [
-            (post(f"{ts.inference_url}/predictions/{contract.MODEL_NAME}", body), post(f"{project.url}{PREDICT_PATH}", body))
-            for body in bad_bodies
-        ]  # fmt: skip
+        ts_predict = f"{ts.inference_url}/predictions/{contract.MODEL_NAME}"
+        project_predict = f"{project.url}{PREDICT_PATH}"
+        refusals = [(post(ts_predict, body), post(project_predict, body)) for body in bad_bodies]
 
     for label, got in (("torchserve", from_torchserve), ("batched", from_batched), ("project", from_project)):
         assert [p[contract.CLASSES_NAME] for p in got] == want_classes.tolist(), label
@@ -146,7 +146,9 @@ def test_make_bench_records_the_peer_as_skipped_and_succeeds_without_its_tools(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.delenv("JAVA_HOME", raising=False)
-    summary = run_all.main(["--only", "torchserve_peer", "--models-dir", str(model_repo), "--output-dir", str(tmp_path)])
+    summary = run_all.main(
+        ["--only", "torchserve_peer", "--models-dir", str(model_repo), "--output-dir", str(tmp_path)]
+    )
     assert summary["benchmarks"]["torchserve_peer"]["status"] == "skipped"
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
