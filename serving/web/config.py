@@ -103,8 +103,8 @@ class WebConfig:
                 raise ConfigError(f"{variable}={raw!r}: no address; expected [NAME=]ADDRESS or {DISABLED!r}")
             if protocol == "rest" and not address.startswith(("http://", "https://")):
                 raise ConfigError(f"{variable}={raw!r}: expected [NAME=]http://HOST:PORT or {DISABLED!r}")
-            if protocol == "grpc" and "://" in address:
-                raise ConfigError(f"{variable}={raw!r}: expected [NAME=]HOST:PORT or {DISABLED!r}")
+            if protocol == "grpc" and "://" in address and not address.startswith("dns:///"):
+                raise ConfigError(f"{variable}={raw!r}: expected [NAME=]HOST:PORT (or dns:///HOST:PORT) or {DISABLED!r}")
             specs.append(TargetSpec(name, framework, protocol, address))
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
