@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Entrypoint of the TF Serving stand-in image (docker/local/tfs-standin.Dockerfile): the flags of the
-# real image's entrypoint (docker/tfserving-entrypoint.sh), given to python -m serving.tfs_standin,
-# except the two the stand-in refuses: it has no REST API (--rest_api_port=0) and no monitoring
-# endpoint (--monitoring_config_file). tests/test_compose_local_static.py checks that the rest agree.
+# real image's entrypoint (docker/tfserving-entrypoint.sh), given to python -m serving.tfs_standin:
+# gRPC on TFS_GRPC_PORT and TF Serving's REST API on TFS_REST_PORT, as the real image; all but the one
+# the stand-in refuses, --monitoring_config_file (it serves no Prometheus metrics).
+# tests/test_compose_local_static.py checks that the rest agree.
 # Arguments are appended after the defaults, and a later flag wins, as with the real image.
 set -euo pipefail
 
 exec python -m serving.tfs_standin \
   --port="${TFS_GRPC_PORT:?TFS_GRPC_PORT must be set (the gRPC port)}" \
-  --rest_api_port=0 \
+  --rest_api_port="${TFS_REST_PORT:?TFS_REST_PORT must be set (the REST port)}" \
   --model_config_file=/etc/tfserving/models.config \
   --enable_batching=true \
   --batching_parameters_file="${TFS_BATCHING_PARAMETERS_FILE:?TFS_BATCHING_PARAMETERS_FILE must be set (the batching file)}" \

@@ -1,8 +1,8 @@
 """Healthcheck of the TF Serving stand-in image: exit 0 when a version of the model is AVAILABLE.
 
-The real image's probe (docker/tfserving-healthcheck.sh) asks TF Serving's REST API; the stand-in
-speaks gRPC only, so this asks the same question over gRPC (ModelService/GetModelStatus on
-TFS_GRPC_PORT, for TFS_MODEL_NAME) through the client package the image already carries. The
+The real image's probe (docker/tfserving-healthcheck.sh) asks TF Serving's REST API; this asks the
+same question over gRPC (ModelService/GetModelStatus on TFS_GRPC_PORT, for TFS_MODEL_NAME) through
+the client package the image already carries. The
 stand-in answers NOT_FOUND until a version has loaded and warmed up, so the container turns healthy
 only once it can serve predictions.
 """
