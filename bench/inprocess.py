@@ -1,24 +1,30 @@
-"""In-process inference of both exported models: the floor that serving overhead is measured against.
+"""In-process inference of both exported models, each on the path its server runs: the serving floor.
 
-Loads the latest TorchScript and SavedModel versions (``torch.jit.load``, as the
-REST server does; ``tf.saved_model.load`` and its ``serving_default`` signature,
-called eagerly as a Python application would, where TF Serving and the stand-in
-run the graph through a Session, cheaper per call at batch 1) and calls them
-directly on real MNIST test images, numpy in and numpy out:
+Every figure comes from the object and the call that answers a request in production:
+
+- PyTorch: the REST worker's own loader, ``serving.torch_server.model_store.load_version`` (the export
+  checked against the contract and warmed up, with its frozen, inference-optimised copy), called
+  through ``LoadedModel.predict`` as a worker calls it;
+- TensorFlow: the SavedModel loaded into a ``tf.compat.v1.Session`` by the SavedModel loader, as TF
+  Serving (and the stand-in, ``serving.tfs_standin.servable``) loads it, its ``serving_default``
+  signature run as one Session callable;
+- TFLite: the float32 conversion that the TensorFlow export writes beside the SavedModel
+  (``model.tflite``), in ``tf.lite.Interpreter`` (batch-1 latency, accuracy, and its agreement with
+  the SavedModel's classes on the whole test set).
+
+Both frameworks are measured at the same thread counts, one thread each and every usable core each,
+so the table compares frameworks, not thread settings (PyTorch: ``torch.set_num_threads``; TensorFlow:
+the Session's intra- and inter-op pools; TFLite: the interpreter's threads). On real MNIST test images,
+numpy in and numpy out:
 
 - latency at batch 1 and batch 64: median and p99 of many timed calls after warm-up;
-- throughput at batch 256: images/s over a run of back-to-back calls.
+- throughput at batch 256: images/s over a run of back-to-back calls;
+- accuracy on all 10,000 test images.
 
 Each measurement makes its number of calls or stops after ``MAX_SECONDS_PER_MEASURE``
-(busy machines), whichever comes first; the JSON records the calls made.
-
-Threads: TorchScript runs with ``torch.set_num_threads(1)``, as each gunicorn
-worker of the REST server does. TensorFlow runs with its default thread pools
-(intra-op = inter-op = all cores), as TF Serving does unless told otherwise;
-``--tf-threads N`` pins both pools to N, which only takes effect while
-TensorFlow has not started in this process yet (the JSON records what was in
-force). The REST and gRPC server benchmarks import :func:`measure_torch` and
-:func:`measure_tf` to put this floor beside their own figures in one run::
+(busy machines), whichever comes first; the JSON records the calls made. The REST and gRPC server
+benchmarks import :func:`measure_torch` and :func:`measure_tf` to put this floor beside their own
+figures in one run::
 
     python -m bench.inprocess                     # table + bench/results/inprocess.json
 """
@@ -38,6 +44,7 @@ import numpy as np
 
 from bench.results import write_result
 from mnist_client import contract
+from mnist_client.cpus import usable_cpus
 from serving.model_repository import latest_version
 from training import mnist_data
 from training.cli import positive_int
@@ -54,12 +61,22 @@ DEFAULT_CALLS = {1: 2000, 64: 300, THROUGHPUT_BATCH: 60}
 MAX_SECONDS_PER_MEASURE = 10.0
 MIN_CALLS = 20
 WARMUP_CALLS = 20
-ACCURACY_EXAMPLES = 1000  # sanity check that the measured model is the real, trained one
+ACCURACY_BATCH = 1000  # images per call when classifying the whole test set for accuracy
 
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-# --- locating and loading the models -----------------------------------------------------------------
+# --- locating and loading the models, as their servers do -------------------------------------------
+
+# One line per path, printed under the table and kept in the JSON: what each figure measured.
+PATHS = {
+    "pytorch": "the REST worker's path: model_store.load_version (export checked and warmed up; batches of "
+               "4+ on its frozen, inference-optimised copy), LoadedModel.predict, numpy in and out",
+    "tensorflow": "TF Serving's path: the SavedModel loaded into a tf.compat.v1.Session, serving_default run as "
+                  "one Session callable (as the stand-in's servable runs it), numpy in and out",
+    "tflite": "the float32 model.tflite converted from the same SavedModel, in tf.lite.Interpreter, its "
+              "serving_default signature runner",
+}
 
 
 def resolve_version_dir(model_dir: str | os.PathLike[str], payload: str) -> Path:
@@ -77,30 +94,31 @@ def resolve_version_dir(model_dir: str | os.PathLike[str], payload: str) -> Path
 
 
 def load_torchscript(model_dir: str | os.PathLike[str]) -> tuple[Predict, Path]:
+    """The TorchScript version as a REST worker loads and calls it (CPU)."""
     import torch
 
+    from serving.torch_server.model_store import load_version
+
     version_dir = resolve_version_dir(model_dir, contract.TORCHSCRIPT_FILENAME)
-    module = torch.jit.load(str(version_dir / contract.TORCHSCRIPT_FILENAME), map_location="cpu").eval()
-
-    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            out = module(torch.from_numpy(images))
-        return out[contract.PROBABILITIES_NAME].numpy(), out[contract.CLASSES_NAME].numpy()
-
-    return predict, version_dir
+    model = load_version(version_dir, int(version_dir.name), torch.device("cpu"))
+    return model.predict, version_dir
 
 
-def load_saved_model(model_dir: str | os.PathLike[str]) -> tuple[Predict, Path]:
-    import tensorflow as tf
+def load_saved_model(model_dir: str | os.PathLike[str], threads: int | None = None) -> tuple[Predict, Path]:
+    """The SavedModel as TF Serving loads and runs it: a Session with ``threads`` intra- and inter-op
+    threads each (None: TensorFlow's default, one per core), the signature as one Session callable."""
+    from serving.tfs_standin.servable import Servable, SessionOptions
 
     version_dir = resolve_version_dir(model_dir, contract.SAVED_MODEL_FILENAME)
-    loaded = tf.saved_model.load(str(version_dir))
-    signature = loaded.signatures[contract.SIGNATURE_NAME]
+    pools = threads or 0  # 0: TensorFlow's default
+    servable = Servable(contract.MODEL_NAME, int(version_dir.name), version_dir,
+                        SessionOptions(intra_op_threads=pools, inter_op_threads=pools))
+    signature = servable.signature(contract.SIGNATURE_NAME)
+    fetch = (contract.PROBABILITIES_NAME, contract.CLASSES_NAME)
 
     def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        _ = loaded  # the signature only holds weak references to the variables; keep the object alive
-        out = signature(**{contract.INPUT_NAME: tf.constant(images)})
-        return out[contract.PROBABILITIES_NAME].numpy(), out[contract.CLASSES_NAME].numpy()
+        probabilities, classes = servable.run(signature, [images], fetch)
+        return probabilities, classes
 
     return predict, version_dir
 
@@ -168,23 +186,34 @@ def model_only_ceiling(cpus: int, model_ms: float, caller_cpu_us: float) -> floa
     return round(cpus * 1000 / (model_ms + caller_cpu_us / 1000), 1)
 
 
-def accuracy(predict: Predict, images: np.ndarray, labels: np.ndarray) -> float:
-    _, classes = predict(np.ascontiguousarray(images[:ACCURACY_EXAMPLES]))
-    return round(float(np.mean(classes == labels[:ACCURACY_EXAMPLES])), 4)
+def classify_all(predict: Predict, images: np.ndarray) -> np.ndarray:
+    """Predicted classes of every image, in batches of ``ACCURACY_BATCH``."""
+    return np.concatenate([
+        np.array(predict(np.ascontiguousarray(images[i : i + ACCURACY_BATCH]))[1])
+        for i in range(0, len(images), ACCURACY_BATCH)
+    ])
 
 
 def _measure(
     predict: Predict, images: np.ndarray, labels: np.ndarray, calls: dict[int, int] | None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
     calls = {**DEFAULT_CALLS, **(calls or {})}
+    classes = classify_all(predict, images)
     return {
-        "accuracy_first_1000": accuracy(predict, images, labels),
+        "accuracy": round(float(np.mean(classes == labels)), 4),
+        "accuracy_images": len(labels),
         "latency": {str(b): latency(predict, images, b, calls[b]) for b in LATENCY_BATCHES},
         "throughput": {
             "batch_size": THROUGHPUT_BATCH,
             **throughput(predict, images, THROUGHPUT_BATCH, calls[THROUGHPUT_BATCH]),
         },
-    }
+    }, classes
+
+
+def _images(images: np.ndarray | None, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if images is None or labels is None:
+        return mnist_test_images()
+    return images, labels
 
 
 def measure_torch(
@@ -195,7 +224,7 @@ def measure_torch(
     threads: int = 1,
     calls: dict[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Latency (batch 1, 64) and throughput (batch 256) of the TorchScript model, in this process.
+    """Latency (batch 1, 64), throughput (batch 256) and accuracy of the TorchScript model as served.
 
     ``model_dir`` is a version folder or the base path (latest version used). ``images``
     default to the real MNIST test set. ``calls`` overrides timed calls per batch size.
@@ -204,21 +233,15 @@ def measure_torch(
     import torch
 
     predict, version_dir = load_torchscript(model_dir)
-    if images is None or labels is None:
-        images, labels = mnist_test_images()
+    images, labels = _images(images, labels)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = _measure(predict, images, labels, calls)
+        result, _ = _measure(predict, images, labels, calls)
     finally:
         torch.set_num_threads(previous)
-    return {
-        "framework": "pytorch",
-        "model_dir": str(version_dir),
-        "version": int(version_dir.name),
-        "threads": {"intra_op": threads},
-        **result,
-    }
+    return {"framework": "pytorch", "path": PATHS["pytorch"], "model_dir": str(version_dir),
+            "version": int(version_dir.name), "threads": threads, **result}
 
 
 def measure_tf(
@@ -228,47 +251,47 @@ def measure_tf(
     *,
     threads: int | None = None,
     calls: dict[int, int] | None = None,
+    with_classes: bool = False,
 ) -> dict[str, Any]:
-    """Latency (batch 1, 64) and throughput (batch 256) of the SavedModel's signature, in this process.
+    """Latency (batch 1, 64), throughput (batch 256) and accuracy of the SavedModel as TF Serving runs it.
 
-    ``threads=None`` keeps TensorFlow's thread pools as they are (by default one
-    thread per core). A number pins the intra- and inter-op pools, which is only
-    possible before TensorFlow has started; otherwise the pools in force are kept
-    and a warning is logged. The result records the pools actually used.
+    ``threads`` sizes the Session's intra- and inter-op pools (None: TensorFlow's default, one thread
+    per core, as TF Serving runs unless told otherwise). ``with_classes`` adds the predicted class of
+    every image (``classes``, a numpy array), which the TFLite measurement is checked against.
     """
-    import tensorflow as tf
+    predict, version_dir = load_saved_model(model_dir, threads)
+    images, labels = _images(images, labels)
+    result, classes = _measure(predict, images, labels, calls)
+    return {"framework": "tensorflow", "path": PATHS["tensorflow"], "model_dir": str(version_dir),
+            "version": int(version_dir.name), "threads": threads or usable_cpus(), **result,
+            **({"classes": classes} if with_classes else {})}
 
-    if threads is not None:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError:
-            log.warning("TensorFlow already started in this process; keeping its thread pools, not %d", threads)
-    predict, version_dir = load_saved_model(model_dir)
-    if images is None or labels is None:
-        images, labels = mnist_test_images()
-    result = _measure(predict, images, labels, calls)
-    return {
-        "framework": "tensorflow",
-        "model_dir": str(version_dir),
-        "version": int(version_dir.name),
-        "threads": _tf_threads(),
-        **result,
+
+def measure_tflite(
+    model_dir: Path,
+    images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    *,
+    threads: int = 1,
+    calls: int = DEFAULT_CALLS[1],
+    saved_model_classes: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Batch-1 latency and accuracy of the TFLite conversion, and how often its classes match the
+    SavedModel's (``saved_model_classes``, for the same images) when given."""
+    from training.tflite_model import TfliteModel
+
+    model = TfliteModel(model_dir, threads)
+    images, labels = _images(images, labels)
+    classes = classify_all(model, images)
+    result: dict[str, Any] = {
+        "framework": "tflite", "path": PATHS["tflite"], "model_file": str(model.path),
+        "version": int(model.path.parent.name), "threads": threads,
+        "accuracy": round(float(np.mean(classes == labels)), 4), "accuracy_images": len(labels),
+        "latency": {"1": latency(model, images, 1, calls)},
     }
-
-
-def _tf_threads() -> dict[str, int | str]:
-    import tensorflow as tf
-
-    cores = os.cpu_count() or 1
-
-    def describe(value: int) -> int | str:
-        return value if value else f"default ({cores} cores)"
-
-    return {
-        "intra_op": describe(tf.config.threading.get_intra_op_parallelism_threads()),
-        "inter_op": describe(tf.config.threading.get_inter_op_parallelism_threads()),
-    }
+    if saved_model_classes is not None:
+        result["agreement_with_saved_model"] = round(float(np.mean(classes == saved_model_classes)), 5)
+    return result
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -277,7 +300,8 @@ def _tf_threads() -> dict[str, int | str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.inprocess",
-        description="In-process inference latency and throughput of both exported models (the serving floor).",
+        description="In-process inference latency, throughput and accuracy of both exported models, each on "
+                    "the path its server runs, at one thread and at every usable core (the serving floor).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results", help="JSON goes here")
@@ -287,26 +311,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--calls-256", type=positive_int, default=DEFAULT_CALLS[THROUGHPUT_BATCH], help="timed calls at batch 256"
     )
-    parser.add_argument("--torch-threads", type=positive_int, default=1, help="torch intra-op threads")
     parser.add_argument(
-        "--tf-threads",
-        type=positive_int,
-        default=None,
-        help="pin TensorFlow's intra/inter-op pools (default: TensorFlow's own, one thread per core)",
+        "--threads", type=positive_int, nargs="+", default=None, metavar="N",
+        help="thread counts to measure every framework at (default: 1 and every usable core)",
     )
     return parser
 
 
+_ROWS = (("pytorch", "PyTorch (TorchScript)"), ("tensorflow", "TensorFlow (SavedModel)"), ("tflite", "TFLite"))
+
+
+def _cell(entry: dict[str, Any] | None, *keys: str, fmt: str = "{:.3f}") -> str:
+    value: Any = entry
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return "-"
+        value = value[key]
+    return fmt.format(value)
+
+
 def format_table(result: dict[str, Any]) -> str:
-    torch_r, tf_r = result["results"]["pytorch"], result["results"]["tensorflow"]
-    header = f"{'measure':<26}{'pytorch':>12}{'tensorflow':>12}{'tf/torch':>10}"
+    """One row per framework and thread count, then one line per framework saying what was measured."""
+    header = (f"{'framework':<26}{'threads':>8}{'b1 p50 ms':>11}{'b1 p99 ms':>11}{'b64 p50 ms':>12}"
+              f"{'b256 img/s':>12}{'accuracy':>10}")
     rows = [header, "-" * len(header)]
-    for batch in LATENCY_BATCHES:
-        for stat in ("median_ms", "p99_ms"):
-            a, b = torch_r["latency"][str(batch)][stat], tf_r["latency"][str(batch)][stat]
-            rows.append(f"{f'batch {batch} {stat[:-3]} (ms)':<26}{a:>12.3f}{b:>12.3f}{b / a:>10.2f}")
-    a, b = torch_r["throughput"]["images_per_second"], tf_r["throughput"]["images_per_second"]
-    rows.append(f"{f'batch {THROUGHPUT_BATCH} images/s':<26}{a:>12,.0f}{b:>12,.0f}{b / a:>10.2f}")
+    for threads, measured in result["results"].items():
+        for key, label in _ROWS:
+            entry = measured.get(key)
+            if entry is None:
+                continue
+            rows.append(
+                f"{label:<26}{threads.split('_')[1]:>8}{_cell(entry, 'latency', '1', 'median_ms'):>11}"
+                f"{_cell(entry, 'latency', '1', 'p99_ms'):>11}{_cell(entry, 'latency', '64', 'median_ms'):>12}"
+                f"{_cell(entry, 'throughput', 'images_per_second', fmt='{:,.0f}'):>12}"
+                f"{_cell(entry, 'accuracy', fmt='{:.4f}'):>10}"
+            )
+    rows.append("")
+    rows += [f"{label}: {result['paths'][key]}" for key, label in _ROWS if key in result["paths"]]
+    for threads, measured in result["results"].items():
+        agreement = measured.get("tflite", {}).get("agreement_with_saved_model")
+        if agreement is not None:
+            rows.append(f"TFLite classes agree with the SavedModel's on {agreement:.2%} of the test images "
+                        f"({threads.replace('_', ' ')})")
+            break
     return "\n".join(rows)
 
 
@@ -333,12 +380,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if latest_version(base) is None:
             parser.error(f"no exported model under {base}; run `make train` first (or pass --models-dir)")
     calls = {1: args.calls_1, 64: args.calls_64, THROUGHPUT_BATCH: args.calls_256}
+    thread_counts = sorted(set(args.threads or (1, usable_cpus())))
 
     images, labels = mnist_test_images()
-    log.info("measuring TorchScript from %s (%d torch thread(s))", torch_base, args.torch_threads)
-    torch_r = measure_torch(torch_base, images, labels, threads=args.torch_threads, calls=calls)
-    log.info("measuring the SavedModel signature from %s", tf_base)
-    tf_r = measure_tf(tf_base, images, labels, threads=args.tf_threads, calls=calls)
+    results: dict[str, dict[str, Any]] = {}
+    paths = {key: PATHS[key] for key in ("pytorch", "tensorflow")}
+    for threads in thread_counts:
+        log.info("measuring PyTorch and TensorFlow as served, %d thread(s) each", threads)
+        torch_r = measure_torch(torch_base, images, labels, threads=threads, calls=calls)
+        tf_r = measure_tf(tf_base, images, labels, threads=threads, calls=calls, with_classes=True)
+        tf_classes = tf_r.pop("classes")
+        measured: dict[str, Any] = {"pytorch": torch_r, "tensorflow": tf_r,
+                                    "ratio_tensorflow_over_pytorch": ratios(torch_r, tf_r)}
+        try:
+            measured["tflite"] = measure_tflite(tf_base, images, labels, threads=threads, calls=calls[1],
+                                                saved_model_classes=tf_classes)
+            paths["tflite"] = PATHS["tflite"]
+        except FileNotFoundError as exc:  # an export from before TFLite was written: say so, measure the rest
+            log.warning("no TFLite model to measure: %s", exc)
+        results[f"threads_{threads}"] = measured
 
     import tensorflow as tf
     import torch
@@ -347,11 +407,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": NAME,
         "images": "MNIST test set (real), float32 pixel/255, numpy in and out",
         "warmup_calls": WARMUP_CALLS,
-        "cpus": os.cpu_count(),
+        "cpus": usable_cpus(),
         "platform": platform.platform(),
         "versions": {"torch": torch.__version__, "tensorflow": tf.__version__, "python": platform.python_version()},
-        "results": {"pytorch": torch_r, "tensorflow": tf_r},
-        "ratio_tensorflow_over_pytorch": ratios(torch_r, tf_r),
+        "paths": paths,
+        "results": results,
     }
     write_result(args.output_dir, NAME, result, format_table(result))
     return result

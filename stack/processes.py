@@ -76,6 +76,11 @@ class ManagedProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """The processes that make up this server (its children are theirs): here, the one started."""
+        return (self._proc.pid,) if self._proc else ()
+
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

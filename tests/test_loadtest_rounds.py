@@ -152,6 +152,10 @@ def test_process_tree_cpu_counts_descendants():
         while (process_tree_cpu_seconds(burner.pid) or 0) - first < 0.5 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (process_tree_cpu_seconds(burner.pid) or 0) - first >= 0.5
+        # Several roots (a proxy and its server) add up, each process once; roots that are gone add nothing.
+        twice = process_tree_cpu_seconds([burner.pid, burner.pid, 2**22 + 1])
+        assert twice is not None and twice <= (process_tree_cpu_seconds(burner.pid) or 0)
+        assert process_tree_cpu_seconds([2**22 + 1]) is None
     finally:
         _stop(burner)
     assert process_tree_cpu_seconds(burner.pid) is None

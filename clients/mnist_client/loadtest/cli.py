@@ -25,6 +25,7 @@ from mnist_client.loadtest.merge import merge_files
 from mnist_client.loadtest.printers import format_table, write_csv, write_html
 from mnist_client.loadtest.report import Report, load_report
 from mnist_client.loadtest.runner import Progress, run
+from mnist_client.loadtest.security import TOKEN_ENV, Security, resolve_token
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -47,6 +48,37 @@ def _add_outputs(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--json", type=Path, metavar="FILE", help="write the result file (input of merge/compare)")
     group.add_argument("--csv", type=Path, metavar="FILE", help="write one CSV row per target and sweep point")
     group.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report with charts")
+
+
+def _add_security(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "TLS and token (TLS per target: https://HOST:PORT for REST, grpcs://HOST:PORT for gRPC)")
+    group.add_argument("--ca-file", type=Path, metavar="PEM",
+                       help="CA bundle that verifies the servers' certificates (default: the system store)")
+    group.add_argument("--insecure", action="store_true",
+                       help="https without verifying the server (warns; testing only; not for gRPC)")
+    group.add_argument("--client-cert", type=Path, metavar="PEM", help="client certificate for mutual TLS")
+    group.add_argument("--client-key", type=Path, metavar="PEM", help="its private key")
+    group.add_argument("--token", metavar="TOKEN",
+                       help=f"bearer token for every request (visible in the process list: prefer --token-file "
+                            f"or ${TOKEN_ENV})")
+    group.add_argument("--token-file", type=Path, metavar="FILE", help="read the bearer token from this file's first line")
+
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: the servers' certificates are NOT verified; anyone on the path can read and "
+    "change the traffic, the bearer token included. Use --ca-file outside of tests."
+)
+
+
+def security_from_args(args: argparse.Namespace) -> Security:
+    """TLS files and the token of ``run``'s arguments (the token: option, file, then $MNIST_LOADTEST_TOKEN)."""
+    token = resolve_token(args.token, args.token_file)
+    security = Security(ca_file=args.ca_file, insecure=args.insecure, client_cert=args.client_cert,
+                        client_key=args.client_key, token=token)
+    if security.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    return security
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured rounds per target and sweep point, alternating between targets; the report "
                         "gives each point's median and spread over its rounds and flags a spread above 20%%")
     p.add_argument("--server-pid", action="append", default=[], metavar="NAME=PID",
-                   help="process id of the server behind target NAME (repeatable): each round then tells the "
-                        "server's CPU from the load tester's and other processes', and flags CPU taken from it")
+                   help="process id of the server behind target NAME (repeatable, also for one NAME: a proxy and "
+                        "its server): each round then tells the server's CPU (its processes and their children) "
+                        "from the load tester's and other processes', and flags CPU taken from it")
     p.add_argument("--images-per-request", type=int, default=1, metavar="K")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per request")
     p.add_argument("--processes", type=int, metavar="N", help="worker processes (default: from load and CPUs)")
@@ -91,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory with the MNIST test files (default: $MNIST_DATA_DIR, then discovery)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="tag copied into the report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / status lines on stderr")
+    _add_security(p)
     _add_outputs(p)
     _add_thresholds(p)
 
@@ -144,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
         distinct_images=args.distinct_images,
         data_dir=args.data_dir,
         labels=labels,
+        security=security_from_args(args),
     )
 
 
@@ -232,16 +267,17 @@ def _finish(report: Report, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def server_pids_from_args(args: argparse.Namespace, config: LoadTestConfig) -> dict[str, int]:
-    """``--server-pid NAME=PID`` items -> {target name: pid}, each naming a target of the run."""
+def server_pids_from_args(args: argparse.Namespace, config: LoadTestConfig) -> dict[str, list[int]]:
+    """``--server-pid NAME=PID`` items -> {target name: [pid, ...]}, each naming a target of the run
+    (a target may name several processes, e.g. a proxy and the server behind it)."""
     names = {t.name for t in config.targets}
-    pids = {}
+    pids: dict[str, list[int]] = {}
     for item in args.server_pid:
         name, sep, pid = item.partition("=")
         if not sep or name not in names or not pid.isdigit() or int(pid) < 1:
             raise ConfigError(f"--server-pid {item!r}: expected NAME=PID with NAME one of {sorted(names)} and PID "
                               "a process id")
-        pids[name] = int(pid)
+        pids.setdefault(name, []).append(int(pid))
     return pids
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,14 +71,20 @@ def _own_cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / _TICKS
 
 
-def process_tree_cpu_seconds(pid: int) -> float | None:
-    """CPU seconds used so far by ``pid`` and all its descendants, or None if it is gone or not on Linux."""
-    if not (PROC / str(pid)).exists():
+def process_tree_cpu_seconds(pids: int | Sequence[int]) -> float | None:
+    """CPU seconds used so far by ``pids`` (one or several) and all their descendants, each process
+    counted once; None if none of them is running, or off Linux."""
+    roots = [pids] if isinstance(pids, int) else list(pids)
+    roots = [pid for pid in roots if (PROC / str(pid)).exists()]
+    if not roots:
         return None
     children = _children()
-    total, stack = 0.0, [pid]
+    total, seen, stack = 0.0, set(), roots
     while stack:
         current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
         total += _own_cpu_seconds(current)
         stack.extend(children.get(current, ()))
     return total
@@ -91,7 +97,7 @@ class CpuSnapshot:
     servers: dict[str, float | None]
 
 
-def snapshot(server_pids: Mapping[str, int]) -> CpuSnapshot:
+def snapshot(server_pids: Mapping[str, int | Sequence[int]]) -> CpuSnapshot:
     return CpuSnapshot(
         wall=time.monotonic(),
         machine=machine_busy_seconds(),

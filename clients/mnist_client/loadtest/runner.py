@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mnist_client.errors import MnistClientError
@@ -60,14 +60,14 @@ def run(
     *,
     progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
-    server_pids: Mapping[str, int] | None = None,
+    server_pids: Mapping[str, int | Sequence[int]] | None = None,
 ) -> Report:
     """Load every target of ``config`` at every sweep point and return the report.
 
     ``progress`` is called from this thread while phases run. Setting ``stop`` ends the current phase
     early (in-flight requests finish) and skips the rest; the report then holds what was measured.
-    ``server_pids`` maps target names to the process id of the server behind them (its descendants
-    count too), so each round can tell the server's CPU from everything else's.
+    ``server_pids`` maps target names to the process id (or ids: a proxy and its server) of the server
+    behind them, descendants included, so each round can tell the server's CPU from everything else's.
     Raises :class:`~mnist_client.loadtest.errors.LoadTestError` subclasses for unusable settings, data
     or targets.
     """
@@ -114,13 +114,21 @@ def preflight(target: Target, config: LoadTestConfig, test_set: TestSet) -> None
         if target.protocol == "rest":
             from mnist_client.rest import RestClient
 
+            security = config.security if target.tls else None
             with RestClient(target.address, model_version=config.model_version, timeout=timeout,
-                            binary=config.rest_format == "npy") as client:
+                            binary=config.rest_format == "npy", token=config.security.token,
+                            ca_file=security and security.ca_file, insecure=bool(security and security.insecure),
+                            client_cert=security and security.client_cert,
+                            client_key=security and security.client_key) as client:
                 client.predict(images)
         else:
             from mnist_client.grpc_client import GrpcClient
 
-            with GrpcClient(target.grpc_target, model_version=config.model_version, timeout=timeout) as client:
+            tls = config.security if target.tls else None
+            with GrpcClient(target.grpc_target, model_version=config.model_version, timeout=timeout,
+                            tls=tls is not None, root_certificates=tls and tls.ca_file,
+                            client_certificate_chain=tls and tls.client_cert,
+                            client_private_key=tls and tls.client_key) as client:
                 client.predict(images)
     except MnistClientError as exc:
         hint = (
@@ -138,10 +146,11 @@ def _target_spec(target: Target, payload: Payload, config: LoadTestConfig) -> Ta
     batch_sizes = [len(images) for images in payload.image_indices]
     if target.protocol == "rest":
         requests = [
-            build_request(target.host, target.port, payload.path, payload.content_type, body)
+            build_request(target.host, target.port, payload.path, payload.content_type, body,
+                          config.security.authorization())
             for body in payload.bodies
         ]
-        what = f"POST http://{target.host}:{target.port}{payload.path}"
+        what = f"POST {'https' if target.tls else 'http'}://{target.host}:{target.port}{payload.path}"
     else:
         requests = list(payload.bodies)
         what = f"Predict at {target.grpc_target}"
@@ -156,6 +165,8 @@ def _target_spec(target: Target, payload: Payload, config: LoadTestConfig) -> Ta
         batch_sizes=batch_sizes,
         timeout_s=config.timeout_s,
         load_balancing=load_balancing,
+        tls=target.tls,
+        security=config.security,
     )
 
 
@@ -172,7 +183,7 @@ def _run_phase(
     stop: threading.Event | None,
     number: int,
     phases: int,
-    server_pids: Mapping[str, int],
+    server_pids: Mapping[str, int | Sequence[int]],
 ) -> dict[str, float | int | None]:
     """Warm up, then measure one round; returns who used the CPU during the measured part."""
     workers = config.worker_processes(point)
