@@ -40,10 +40,10 @@ class Load:
             with self._lock:
                 self.outcomes.append(Outcome(started, time.monotonic(), result))
 
-    def count(self, result: str = "ok", after: float = 0.0) -> int:
-        """Calls that returned ``result`` and started at or after ``after`` (``time.monotonic()``)."""
+    def count(self, result: str | None = "ok", after: float = 0.0) -> int:
+        """Calls that returned ``result`` (None: anything) and started at or after ``after`` (``time.monotonic()``)."""
         with self._lock:
-            return sum(1 for o in self.outcomes if o.result == result and o.started >= after)
+            return sum(1 for o in self.outcomes if result in (None, o.result) and o.started >= after)
 
     def results(self) -> Counter[str]:
         with self._lock:

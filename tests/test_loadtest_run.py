@@ -62,13 +62,15 @@ def test_request_count_is_exact_and_warmup_excluded(test_set):
 
 
 def test_sweep_over_concurrency_and_duration(test_set):
-    with RestServer(Oracle(test_set.images, test_set.labels), Behaviour(keep_alive=True)) as rest:
+    behaviour = Behaviour(keep_alive=True)
+    with RestServer(Oracle(test_set.images, test_set.labels), behaviour) as rest:
         report = run(config(parse_target(rest.url, "rest"), requests=None, duration_s=0.4, concurrency=(1, 3)))
     assert [m.point for m in report.measurements] == [1.0, 3.0]
     for m in report.measurements:
         assert m.ok > 0 and not m.errors
-        assert 0.35 < m.elapsed_s < 3.0
-        assert m.throughput_rps == pytest.approx(m.requests / m.elapsed_s)
+        assert m.elapsed_s >= 0.35  # requests kept starting until the 0.4 s were over
+    # Every call the report counts was answered by the server, and nothing else: pre-flight, warm-ups, measured.
+    assert behaviour.predicts == 1 + sum(m.warmup_requests + m.requests for m in report.measurements)
 
 
 def test_npy_bodies_and_batches(test_set):
@@ -146,10 +148,11 @@ def test_open_loop_reports_intended_and_achieved_rate(test_set, protocol):
     (m,) = report.measurements
     assert m.ok == 60 and m.scheduled == 60 and m.accuracy == 1.0
     assert m.send_lag.count == 60  # every arrival's lateness is known
-    # 60 arrivals at 80/s take 0.74 s of schedule; a fast server keeps up with it.
-    assert 0.7 < m.elapsed_s < 2.0
+    # 60 arrivals at 80/s: the last one is due 59/80 s after the first, and none goes out early, so the
+    # achieved rate cannot pass 60 requests over that span, however fast the server.
+    assert m.elapsed_s >= 59 / 80
     assert m.summary()["intended_rps"] == 80.0
-    assert m.summary()["achieved_rps"] == pytest.approx(m.throughput_rps)
+    assert 0 < m.summary()["achieved_rps"] <= 60 / (59 / 80)
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
@@ -169,5 +172,5 @@ def test_stop_ends_the_phase_early_and_lets_calls_in_flight_finish(test_set, pro
                      progress=stop_once_measuring, stop=stop)
     (m,) = report.measurements  # the second sweep point never started
     assert m.ok > 0 and not m.errors  # nothing was cut off mid-call
-    assert m.elapsed_s < 10.0
+    assert m.elapsed_s < 30.0  # ended by the stop, before its duration
     assert behaviour.predicts == 1 + 4 + m.ok  # pre-flight, warm-up, and every measured call answered

@@ -4,10 +4,11 @@ Gaps these fill next to the existing tests (which they do not repeat):
 
 - tests/test_rest_gunicorn.py sends SIGTERM with two requests in flight and kills a worker with no
   traffic; here SIGTERM and SIGKILL land under continuous traffic from several client threads, and the
-  errors and the recovery time after a kill are measured (logged as ``FIGURES ...`` lines; run with
-  ``-o log_cli=true --log-cli-level=INFO`` to see them).
-- tests/test_standin_server.py sends SIGTERM with four calls in one batch; here the stand-in process gets
-  it under continuous calls from eight threads.
+  errors are counted (logged as ``FIGURES ...`` lines; run with ``-o log_cli=true --log-cli-level=INFO``
+  to see them). How fast a killed worker's traffic and replacement come back is measured by
+  ``python -m bench.worker_recovery``, not asserted here.
+- tests/test_standin_server.py sends SIGTERM with a call seen waiting in a batch; here the stand-in process
+  gets it under continuous calls from eight threads.
 - A new version and a corrupt one published under load, with zero failed requests, are already tested
   for both servers: tests/test_rest_gunicorn.py::test_version_swap_and_broken_version_under_load_fail_no_request
   and tests/test_standin_versions.py (the same ``Load``, four threads).
@@ -93,7 +94,8 @@ def test_sigterm_to_gunicorn_under_load_loses_no_accepted_request(gunicorn: Guni
         signalled = time.monotonic()
         gunicorn.process.send_signal(signal.SIGTERM)
         exit_code = gunicorn.process.wait(60)
-        time.sleep(0.2)  # let each thread meet the closed port at least once
+        exited = time.monotonic()
+        wait_for(lambda: load.count(None, after=exited) >= CLIENT_THREADS, what="calls to meet the closed port")
     server_log = gunicorn.log_path.read_text(errors="replace")
     answered = load.count()
     dropped = [o for o in load.outcomes if o.result in ("reset", "timeout")]
@@ -139,10 +141,10 @@ def test_killed_worker_under_load_is_replaced_with_bounded_errors(gunicorn: Guni
              "after the kill, every worker answering again after %.2f s, %d requests answered in all",
              CLIENT_THREADS, len(errors), sorted({o.result for o in errors}), first_success, all_workers,
              load.count())
-    # A sync worker holds one request at a time: only that one can be lost.
+    # A sync worker holds one request at a time: only that one can be lost. How soon traffic and the
+    # replacement come back is a figure (bench.worker_recovery), bounded here only by the waits' safety
+    # deadlines above.
     assert len(errors) <= 1, errors
-    assert first_success < 5.0  # the surviving worker carries the traffic at once (loose: shared machine)
-    assert all_workers < 60.0
     replacement = (gunicorn.worker_pids() - pids).pop()
     assert replacement in live_workers()
 
@@ -187,7 +189,8 @@ def test_sigterm_to_the_standin_under_load_loses_no_accepted_call(
             signalled = time.monotonic()
             process.send_signal(signal.SIGTERM)
             exit_code = process.wait(60)
-            time.sleep(0.2)
+            exited = time.monotonic()
+            wait_for(lambda: load.count(None, after=exited) >= threads, what="calls to meet the closed port")
     finally:
         stubs.close()
         if process.poll() is None:
