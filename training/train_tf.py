@@ -174,7 +174,7 @@ def subset(split: mnist_data.Split, count: int) -> mnist_data.Split:
 
 
 def make_optimizer(name: str, lr: float, momentum: float, total_steps: int) -> tf.keras.optimizers.Optimizer:
-    """Adam or SGD with momentum on a one-cycle schedule, as train_torch uses (the same recipe in both).
+    """Adam or SGD with Nesterov momentum on a one-cycle schedule, as train_torch uses (the same recipe in both).
 
     The learning rate rises linearly from lr/25 to ``lr`` over the first 15% of the steps, then
     follows a cosine decay to about 0, stepped per batch (torch's OneCycleLR warms up along a cosine;
@@ -191,7 +191,7 @@ def make_optimizer(name: str, lr: float, momentum: float, total_steps: int) -> t
     )
     if name == "adam":
         return tf.keras.optimizers.Adam(learning_rate=schedule)
-    return tf.keras.optimizers.SGD(learning_rate=schedule, momentum=momentum)
+    return tf.keras.optimizers.SGD(learning_rate=schedule, momentum=momentum, nesterov=momentum > 0)  # as torch
 
 
 @dataclass(frozen=True)

@@ -401,8 +401,8 @@ def _train_and_export(args: argparse.Namespace, lr: float, info: DistInfo, devic
         test_loss, test_accuracy = evaluation.loss, evaluation.accuracy
         if board is not None:
             log.info(
-                "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  %.0f images/s  %.1fs",
-                epoch, args.epochs, stats.loss, stats.accuracy, test_loss, test_accuracy,
+                "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  lr %.2e  %.0f images/s  %.1fs",
+                epoch, args.epochs, stats.loss, stats.accuracy, test_loss, test_accuracy, lr_at_start,
                 stats.images_per_second, stats.seconds,
             )
             board.write_epoch(epoch, net, stats, test_loss, test_accuracy, lr_at_start)
