@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 from mnist_client import contract
-from stack.processes import ManagedProcess, StackError, free_port
+from stack.processes import ManagedProcess, StackError, free_port, tail
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,11 @@ _STOP_GRACE_S = 30.0
 
 
 class TorchServeError(RuntimeError):
-    """TorchServe refused a request of the management API, or never became ready."""
+    """TorchServe refused a request of the management API (``status``: its HTTP status), or never became ready."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def java_executable() -> str | None:
@@ -203,8 +207,19 @@ class TorchServe:
         self._management("POST", f"/models?{query}")
         return self.wait_workers_ready(name, READY_TIMEOUT_S)
 
-    def unregister(self, name: str) -> None:
-        self._management("DELETE", f"/models/{name}?synchronous=true")
+    def unregister(self, name: str, timeout_s: float = 60.0) -> None:
+        """Unregister ``name``, retrying while TorchServe answers 500: right after a load its frontend can
+        fail the DELETE with a ConcurrentModificationException (seen with 0.12) and succeed a moment later."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._management("DELETE", f"/models/{name}?synchronous=true")
+                return
+            except TorchServeError as error:
+                if error.status != 500 or time.monotonic() > deadline:
+                    raise
+                log.info("TorchServe refused to unregister %s for now (%s); retrying", name, error)
+            time.sleep(0.5)
 
     def _management(self, method: str, path: str) -> Any:
         request = urllib.request.Request(f"{self.management_url}{path}", method=method)
@@ -212,7 +227,8 @@ class TorchServe:
             with urllib.request.urlopen(request, timeout=READY_TIMEOUT_S) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
-            raise TorchServeError(f"TorchServe {method} {path}: {error.code} {error.read().decode(errors='replace')}")
+            body = error.read().decode(errors="replace")
+            raise TorchServeError(f"TorchServe {method} {path}: {error.code} {body}", error.code) from None
 
     def stop(self) -> None:
         """Java first (its launcher then exits and reaps it), then the launcher's group, then any straggler."""
@@ -247,5 +263,9 @@ def running_torchserve(
         log.info("TorchServe ready at %s (management %s; logs %s)", server.inference_url, server.management_url,
                  server.log_dir)  # fmt: skip
         yield server
+    except Exception:
+        # The work folder usually goes with the caller's temporary folder: keep the end of the log in sight.
+        log.error("TorchServe's log (%s) ends:\n%s", server.log_dir / "ts_log.log", tail(server.log_dir / "ts_log.log"))
+        raise
     finally:
         server.stop()
