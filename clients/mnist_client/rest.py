@@ -77,6 +77,7 @@ class RestClient(ClientBase):
         token: bearer token sent as ``Authorization: Bearer <token>``.
         ca_file: CA bundle to verify an ``https`` server (default: the system store).
         client_cert, client_key: PEM files for mutual TLS.
+        insecure: ``https`` without verifying the server's certificate (testing only; urllib3 warns).
         pool_maxsize: kept-alive connections per client (match the number of threads sharing it).
         retry: backoff policy for the retries in :mod:`mnist_client.retry`.
         headers: extra headers sent with every request.
@@ -96,6 +97,7 @@ class RestClient(ClientBase):
         ca_file: str | os.PathLike[str] | None = None,
         client_cert: str | os.PathLike[str] | None = None,
         client_key: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
         pool_maxsize: int = 8,
         retry: RetryPolicy | None = None,
         headers: dict[str, str] | None = None,
@@ -145,8 +147,11 @@ class RestClient(ClientBase):
                     raise ClientConfigError(f"{name} {os.fspath(path)!r} is not a readable file; expected a PEM file")
             if client_key is not None and client_cert is None:
                 raise ClientConfigError("client_key was given without client_cert; expected both for mutual TLS")
+            if insecure and ca_file is not None:
+                raise ClientConfigError("insecure skips verifying the server, so ca_file would be ignored; give one")
             self._pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-                cert_reqs="CERT_REQUIRED",
+                cert_reqs="CERT_NONE" if insecure else "CERT_REQUIRED",
+                assert_hostname=False if insecure else None,
                 ca_certs=None if ca_file is None else os.fspath(ca_file),
                 cert_file=None if client_cert is None else os.fspath(client_cert),
                 key_file=None if client_key is None else os.fspath(client_key),

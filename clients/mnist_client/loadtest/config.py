@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from mnist_client import contract
 from mnist_client.cpus import usable_cpus
 from mnist_client.loadtest.errors import ConfigError
+from mnist_client.loadtest.security import Security
 
 Protocol = Literal["rest", "grpc"]
 Mode = Literal["closed", "open"]
@@ -47,9 +48,9 @@ DEFAULT_DURATION_S = 10.0
 class Target:
     """One server to load.
 
-    ``address`` is a base URL for REST (``http://host:port[/prefix]``) and a gRPC target for gRPC
-    (``host:port``, ``grpc://host:port``, or ``dns:///host:port`` for client-side round-robin over
-    every address the name resolves to).
+    ``address`` is a base URL for REST (``http://host:port[/prefix]``, or ``https://`` for TLS) and a
+    gRPC target for gRPC (``host:port``, ``grpc://host:port``, ``grpcs://host:port`` for TLS, or
+    ``dns:///host:port`` for client-side round-robin over every address the name resolves to).
     """
 
     name: str
@@ -75,6 +76,11 @@ class Target:
         return self._endpoint()[1]
 
     @property
+    def tls(self) -> bool:
+        """Whether the target speaks TLS: an https URL or a grpcs:// target (security.py)."""
+        return self.address.startswith("https://" if self.protocol == "rest" else "grpcs://")
+
+    @property
     def path_prefix(self) -> str:
         """REST only: the URL path the API lives under ('' for the server root)."""
         return _parse_rest_url(self.name, self.address)[2] if self.protocol == "rest" else ""
@@ -85,7 +91,10 @@ class Target:
         if self.protocol != "grpc":
             raise ConfigError(f"target {self.name!r} is a REST target; it has no gRPC target string")
         address = self.address
-        return address[len("grpc://") :] if address.startswith("grpc://") else address
+        for prefix in ("grpc://", "grpcs://"):
+            if address.startswith(prefix):
+                return address[len(prefix) :]
+        return address
 
     def _endpoint(self) -> tuple[str, int]:
         if self.protocol == "rest":
@@ -105,30 +114,26 @@ def parse_target(spec: str, protocol: Protocol) -> Target:
 
 
 def _parse_rest_url(name: str, url: str) -> tuple[str, int, str]:
-    expected = "expected http://HOST[:PORT][/PATH-PREFIX], e.g. http://127.0.0.1:8080"
+    expected = "expected http(s)://HOST[:PORT][/PATH-PREFIX], e.g. http://127.0.0.1:8080"
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:  # e.g. a port that is not a number or out of range
         raise ConfigError(f"target {name!r}: bad URL {url!r} ({exc}); {expected}") from None
-    if parts.scheme == "https":
-        raise ConfigError(
-            f"target {name!r}: {url!r} uses https, which the load tester's HTTP engine does not speak; "
-            f"load the server over plain http (inside the cluster or through a port-forward); {expected}"
-        )
-    if parts.scheme != "http":
+    if parts.scheme not in ("http", "https"):
         raise ConfigError(f"target {name!r}: URL {url!r} has scheme {parts.scheme!r}; {expected}")
     if not parts.hostname:
         raise ConfigError(f"target {name!r}: URL {url!r} has no host; {expected}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(f"target {name!r}: URL {url!r} has a query, fragment or credentials; {expected}")
-    return parts.hostname, port if port is not None else 80, parts.path.rstrip("/")
+    default_port = 443 if parts.scheme == "https" else 80
+    return parts.hostname, port if port is not None else default_port, parts.path.rstrip("/")
 
 
 def _parse_grpc_target(name: str, target: str) -> tuple[str, int]:
-    expected = "expected HOST:PORT (or grpc://HOST:PORT, dns:///HOST:PORT), e.g. 127.0.0.1:8500"
+    expected = "expected HOST:PORT (or grpc://HOST:PORT, grpcs://HOST:PORT for TLS, dns:///HOST:PORT), e.g. 127.0.0.1:8500"
     rest = target
-    for prefix in ("grpc://", "dns:///"):
+    for prefix in ("grpc://", "grpcs://", "dns:///"):
         if rest.startswith(prefix):
             rest = rest[len(prefix) :]
             break
@@ -172,6 +177,7 @@ class LoadTestConfig:
     distinct_images: int = 1000  # how many MNIST test images the payload cycles through
     data_dir: Path | None = None  # MNIST files; None: MNIST_DATA_DIR or discovery (see payload.find_mnist_dir)
     labels: dict[str, str] = field(default_factory=dict)  # free-form tags copied into the report
+    security: Security = field(default_factory=Security)  # TLS files and the bearer token (security.py)
 
     def __post_init__(self) -> None:
         # Normalise sequences given as lists so the config stays hashable/serialisable.
@@ -187,6 +193,11 @@ class LoadTestConfig:
     def _validate(self) -> None:
         if not self.targets:
             raise ConfigError("no target given; expected at least one REST or gRPC target")
+        if not isinstance(self.security, Security):
+            raise ConfigError(f"security must be a Security instance; got {self.security!r}")
+        if self.security.insecure and any(t.tls and t.protocol == "grpc" for t in self.targets):
+            raise ConfigError("insecure (skip verifying the server) applies to https targets only; "
+                              "gRPC over TLS always verifies: give the server's CA with ca_file instead")
         for target in self.targets:
             if not isinstance(target, Target):
                 raise ConfigError(f"targets must be Target instances (see parse_target); got {target!r}")
@@ -259,6 +270,7 @@ class LoadTestConfig:
         data["concurrency"] = list(self.concurrency)
         data["rates"] = list(self.rates)
         data["data_dir"] = str(self.data_dir) if self.data_dir is not None else None
+        data["security"] = self.security.to_dict()  # never the token itself
         data["model_name"] = contract.MODEL_NAME
         return data
 

@@ -37,6 +37,20 @@ def channel_options(load_balancing: str | None) -> list[tuple[str, object]]:
     return options
 
 
+class _WithMetadata:
+    """A unary-unary callable that adds fixed metadata (the bearer token) to every call."""
+
+    def __init__(self, callable_: grpc.UnaryUnaryMultiCallable, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._callable = callable_
+        self._metadata = metadata
+
+    def __call__(self, request: bytes, timeout: float | None = None) -> bytes:
+        return self._callable(request, timeout=timeout, metadata=self._metadata)
+
+    def future(self, request: bytes, timeout: float | None = None) -> grpc.Future:
+        return self._callable.future(request, timeout=timeout, metadata=self._metadata)
+
+
 class GrpcEngine:
     """Runs one phase of gRPC load: calls from a pacer, at most ``slots`` in flight, on one channel."""
 
@@ -47,10 +61,21 @@ class GrpcEngine:
         batch_sizes: list[int],
         timeout_s: float,
         load_balancing: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        authorization: str | None = None,
     ) -> None:
+        """``credentials``: TLS (security.Security.grpc_credentials); ``authorization``: sent as metadata."""
         self._target = target
-        self._channel = grpc.insecure_channel(target, options=channel_options(load_balancing))
-        self._predict = self._channel.unary_unary(PREDICT_METHOD, request_serializer=None, response_deserializer=None)
+        options = channel_options(load_balancing)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        predict = self._channel.unary_unary(PREDICT_METHOD, request_serializer=None, response_deserializer=None)
+        if authorization is not None:
+            metadata = (("authorization", authorization),)
+            predict = _WithMetadata(predict, metadata)
+        self._predict = predict
         self._requests = requests
         self._batch_sizes = batch_sizes
         self._timeout_s = timeout_s

@@ -30,12 +30,13 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mnist_client.loadtest.errors import LoadTestError
 from mnist_client.loadtest.pacer import ClosedLoop, OpenLoop
 from mnist_client.loadtest.records import RecordBatch, RecordSink
+from mnist_client.loadtest.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class TargetSpec:
     batch_sizes: list[int]
     timeout_s: float
     load_balancing: str | None = None
+    tls: bool = False  # https / grpcs:// (the TLS files and the token travel in ``security``)
+    security: Security = field(default_factory=Security)
 
 
 @dataclass(frozen=True)
@@ -121,12 +124,15 @@ class _Worker:
             if spec.protocol == "rest":
                 from mnist_client.loadtest.rest_worker import HttpEngine
 
-                engine = HttpEngine(spec.host, spec.port, spec.requests, spec.batch_sizes, spec.timeout_s, spec.what)
+                engine = HttpEngine(spec.host, spec.port, spec.requests, spec.batch_sizes, spec.timeout_s, spec.what,
+                                    ssl_context=spec.security.ssl_context() if spec.tls else None)
             else:
                 from mnist_client.loadtest.grpc_worker import GrpcEngine
 
                 engine = GrpcEngine(
-                    spec.grpc_target, spec.requests, spec.batch_sizes, spec.timeout_s, spec.load_balancing
+                    spec.grpc_target, spec.requests, spec.batch_sizes, spec.timeout_s, spec.load_balancing,
+                    credentials=spec.security.grpc_credentials() if spec.tls else None,
+                    authorization=spec.security.authorization(),
                 )
             self._engines[name] = engine
         return engine
