@@ -109,10 +109,12 @@ class Gunicorn:
         self._log.close()
         return self.process.returncode
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 4000) -> str:
+        """The server's output: its last ``tail`` characters (enough for a failure message), or all of it."""
         if not self._log.closed:
             self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
 
 @pytest.fixture(scope="module")
