@@ -34,6 +34,27 @@ class Pacer(Protocol):
         """When the next request becomes due, or ``None`` once this worker's share is done."""
 
 
+def arrivals_in(rate: float, duration_s: float) -> int:
+    """How many arrivals at ``rate`` per second are due in ``[start, start + duration)``.
+
+    Counted on the nanosecond schedule :meth:`OpenLoop.intended_ns` uses, not as ``ceil(rate * duration)``:
+    that float product overshoots (50/s for 1.1 s is 55.00000000000001, so 56 arrivals, the last one at
+    exactly start + duration, outside the interval).
+    """
+    if not rate > 0 or not math.isfinite(rate):
+        raise ValueError(f"rate {rate!r}: expected > 0")
+    if not duration_s >= 0 or not math.isfinite(duration_s):
+        raise ValueError(f"duration {duration_s!r} s: expected a finite number >= 0")
+    interval_ns = NS_PER_S / rate
+    duration_ns = round(duration_s * NS_PER_S)
+    count = math.ceil(rate * duration_s)
+    while count > 0 and int((count - 1) * interval_ns) >= duration_ns:
+        count -= 1
+    while int(count * interval_ns) < duration_ns:
+        count += 1
+    return count
+
+
 def share(total: int, workers: int, index: int) -> int:
     """Worker ``index``'s part of ``total`` requests split as evenly as possible across ``workers``."""
     return total // workers + (1 if index < total % workers else 0)
@@ -89,7 +110,7 @@ class OpenLoop:
     @classmethod
     def for_duration(cls, *, rate: float, start_ns: int, duration_s: float, worker: int = 0, workers: int = 1) -> OpenLoop:
         """Every arrival scheduled in ``[start, start + duration)``."""
-        return cls(rate=rate, start_ns=start_ns, total=math.ceil(rate * duration_s), worker=worker, workers=workers)
+        return cls(rate=rate, start_ns=start_ns, total=arrivals_in(rate, duration_s), worker=worker, workers=workers)
 
     def intended_ns(self, index: int) -> int:
         return self._start_ns + int(index * self._interval_ns)

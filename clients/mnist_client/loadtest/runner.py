@@ -21,7 +21,7 @@ from mnist_client.errors import MnistClientError
 from mnist_client.loadtest import cpu_usage
 from mnist_client.loadtest.config import LoadTestConfig, Target
 from mnist_client.loadtest.errors import LoadTestError, TargetUnreachableError
-from mnist_client.loadtest.pacer import share
+from mnist_client.loadtest.pacer import arrivals_in, share
 from mnist_client.loadtest.payload import Payload, TestSet, build_payload, load_test_set
 from mnist_client.loadtest.report import Report
 from mnist_client.loadtest.reporter import Reporter
@@ -199,7 +199,7 @@ def _run_phase(
     start_wall = time.time() + (start_ns - time.monotonic_ns()) / 1e9
     open_total = 0
     if config.mode == "open":
-        open_total = config.requests if config.requests is not None else math.ceil(point * config.duration_s)
+        open_total = config.requests if config.requests is not None else arrivals_in(point, config.duration_s)
         measurement.scheduled = open_total
     cpu_before = cpu_usage.snapshot(server_pids)
     for i in indices:
