@@ -9,6 +9,13 @@ STAMP := $(VENV)/.installed
 MODELS_DIR ?= models
 LOG_DIR ?= runs
 BENCH_DIR ?= bench/results
+# TORCH=cpu: the CPU-only torch build from PyTorch's own wheel index (an extra index beside PyPI);
+# without it, torch comes from PyPI as it is (the CUDA build on Linux x86-64). docs/install.md.
+TORCH ?=
+ifneq ($(filter-out cpu,$(TORCH)),)
+$(error TORCH=$(TORCH): expected TORCH=cpu (the CPU-only build) or no TORCH at all (PyPI's build))
+endif
+TORCH_PIP_FLAGS := $(if $(TORCH),--extra-index-url https://download.pytorch.org/whl/cpu)
 
 export PYTHONPATH := $(CURDIR)
 
@@ -19,7 +26,7 @@ setup: $(STAMP)
 $(STAMP): requirements/main.txt requirements/constraints.txt requirements/no-deps.txt clients/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -r requirements/main.txt -c requirements/constraints.txt
+	$(PIP) install --quiet $(TORCH_PIP_FLAGS) -r requirements/main.txt -c requirements/constraints.txt
 	$(PIP) install --quiet --no-deps -r requirements/no-deps.txt
 	$(PIP) install --quiet --no-deps -e ./clients
 	touch $@

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-from packaging.version import Version
+from packaging.specifiers import SpecifierSet
 
 log = logging.getLogger("compose-test.build-inputs")
 
@@ -144,7 +144,7 @@ def index_wheels(index_root: Path, name: str) -> Iterator[Path]:
 def find_local_wheels(
     pins: dict[str, str], folders: Iterable[Path], indexes: Iterable[Path], tags: set[Tag]
 ) -> dict[str, Path]:
-    """``{name: wheel}``: for each pin, the first local wheel of exactly that version that installs in the images."""
+    """``{name: wheel}``: per pin, the first local wheel of that version (any build label) installing in the images."""
     folders, indexes = list(folders), list(indexes)
     by_name: dict[str, list[Path]] = {}
     for folder in folders:
@@ -162,7 +162,8 @@ def find_local_wheels(
                 _, wheel_version, _, wheel_tags = parse_wheel_filename(wheel.name)
             except InvalidWheelFilename:
                 continue
-            if wheel_version == Version(version) and wheel_tags & tags and wheel.is_file():
+            # PEP 440 matching: the pin torch==2.13.0 accepts the local build 2.13.0+cpu.
+            if SpecifierSet(f"=={version}").contains(wheel_version) and wheel_tags & tags and wheel.is_file():
                 found[name] = wheel
                 break
     return found
