@@ -9,6 +9,7 @@ naming what is missing, when neither holds the four files.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +94,14 @@ def model_repo(
     train_torch.main(common)
     train_tf.main(common)
     return root
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    """kubectl's path (it renders the Kubernetes manifests); the test is skipped, saying what to install, without it."""
+    from deploy.k8s.manifest_check import KUBECTL_MISSING
+
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.skip(KUBECTL_MISSING)
+    return path

@@ -116,7 +116,7 @@ def test_pick_first_pins_every_call_to_one_server(servers: dict[int, ModelServer
 
 
 def test_connection_ageing_moves_clients_without_failing_a_call(
-    saved_model: Path, tmp_path_factory: pytest.TempPathFactory, image: np.ndarray
+    kubectl: str, saved_model: Path, tmp_path_factory: pytest.TempPathFactory, image: np.ndarray
 ) -> None:
     """The manifest's grpc.max_connection_age closes each connection gracefully (GOAWAY, in-flight calls
     finish), so clients reconnect and re-resolve DNS without a failed call. Same keys as the

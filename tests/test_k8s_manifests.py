@@ -27,7 +27,7 @@ EXPECTED_KINDS = {
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict[str, Any]]]:
+def rendered(kubectl: str) -> dict[str, list[dict[str, Any]]]:
     return mc.render_all()
 
 
@@ -71,7 +71,7 @@ def test_every_variant_keeps_the_policy(
     assert not problems, "\n".join(map(str, problems))
 
 
-def test_cli_checks_all_variants_and_reports_ok(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_checks_all_variants_and_reports_ok(kubectl: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert mc.main([]) == 0
     out = capsys.readouterr().out
     for variant in mc.VARIANTS:

@@ -26,7 +26,7 @@ OUR_IMAGES = ("mnist-torch-server", "mnist-tfserving", "mnist-torch-train", "mni
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict[str, Any]]]:
+def rendered(kubectl: str) -> dict[str, list[dict[str, Any]]]:
     return mc.render_all()
 
 

@@ -113,13 +113,16 @@ class PodTemplate:
 # ---------------------------------------------------------------- rendering
 
 
+KUBECTL_MISSING = (
+    "kubectl not found on PATH: it renders the kustomizations (kubectl kustomize). "
+    "Install kubectl >= 1.27 (for example from the Kubernetes apt repository) and retry."
+)
+
+
 def kubectl() -> str:
     path = shutil.which("kubectl")
     if path is None:
-        raise ManifestError(
-            "kubectl not found on PATH: it renders the kustomizations (kubectl kustomize). "
-            "Install kubectl >= 1.27 (for example from the Kubernetes apt repository) and retry."
-        )
+        raise ManifestError(KUBECTL_MISSING)
     return path
 
 
