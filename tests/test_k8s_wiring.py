@@ -22,7 +22,9 @@ from mnist_client import contract
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_MOUNT = "/models"
 OPERATOR_ENV = {"MASTER_ADDR": "mnist-torch-train-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "1"}
-OUR_IMAGES = ("mnist-torch-server", "mnist-tfserving", "mnist-torch-train", "mnist-tf-train", "mnist-loadtest", "mnist-web")
+OUR_IMAGES = (
+    "mnist-torch-server", "mnist-tfserving", "mnist-torch-train", "mnist-tf-train", "mnist-loadtest", "mnist-web",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

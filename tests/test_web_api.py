@@ -163,7 +163,8 @@ def test_values_outside_zero_one_and_non_numbers_are_rejected(client):
 
 def test_not_json_and_wrong_content_type_are_rejected(client):
     assert_error(client.post("/api/predict", data="{not json", content_type="application/json"), 400, "not valid JSON")
-    assert_error(client.post("/api/predict", data="x", content_type="text/plain"), 415, "text/plain", "application/json")
+    response = client.post("/api/predict", data="x", content_type="text/plain")
+    assert_error(response, 415, "text/plain", "application/json")
     assert_error(client.post("/api/predict"), 415, "missing")
 
 
@@ -208,7 +209,8 @@ def test_latest_report_has_the_html_reports_charts_and_links_it(client, tmp_path
     os.utime(reports / "bench.json")  # newer, but not a result file: skipped
     body = client.get("/api/report/latest").get_json()
     assert body["file"] == "run.json" and body["html"] == "run.html"
-    assert [(m["target"], m["point"], m["requests"]) for m in body["measurements"]] == [("torch", 1, 20), ("torch", 2, 20)]
+    rows = [(m["target"], m["point"], m["requests"]) for m in body["measurements"]]
+    assert rows == [("torch", 1, 20), ("torch", 2, 20)]
     assert set(body["measurements"][0]["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "max"}
     assert body["measurements"][0]["accuracy"] == 1.0
     html = (reports / "run.html").read_text()

@@ -239,7 +239,8 @@ def test_the_report_view_says_how_to_make_a_report_then_shows_the_latest(stack, 
     WebDriverWait(browser, WAIT_S, poll_frequency=0.2).until(lambda d: "make demo" in status.text)
 
     reports = config.report_dir
-    code = loadtest_main(["run", "--rest", f"torch-rest={config.rest_url}", "--grpc", f"tf-standin-grpc={config.grpc_target}",
+    code = loadtest_main(["run", "--rest", f"torch-rest={config.rest_url}",
+                          "--grpc", f"tf-standin-grpc={config.grpc_target}",
                           "--concurrency", "1", "--requests", "20", "--warmup", "2", "--no-progress",
                           "--json", str(reports / "demo.json"), "--html", str(reports / "demo.html")])  # fmt: skip
     assert code == 0

@@ -59,12 +59,17 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.extensions["mnist_web"] = state
     _register_routes(app, state)
     _register_error_handlers(app)
-    atexit.register(lambda: [target.close() for target in targets])
+    atexit.register(_close_all, targets)  # the clients' connections and gRPC channels, at worker exit
     log.info(
         "web page backend: targets %s; reports from %s",
         ", ".join(f"{t.spec.name} ({t.spec.address})" for t in targets) or "none", config.reports_dir,
     )  # fmt: skip
     return app
+
+
+def _close_all(targets: list[Target]) -> None:
+    for target in targets:
+        target.close()
 
 
 def _configure_logging(level: str) -> None:
@@ -152,7 +157,7 @@ def _register_error_handlers(app: Flask) -> None:
             headers["Allow"] = ", ".join(allowed)
             message = f"method {request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}"
         elif isinstance(exc, RouteNotFound):
-            message = f"no such page or endpoint: {request.method} {request.path}; the API is described at /openapi.yaml"
+            message = f"no such page or endpoint: {request.method} {request.path}; the API is at /openapi.yaml"
         else:
             message = f"{exc.name}: {exc.description}"
         return _error(message, exc.code or 500, headers)

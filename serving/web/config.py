@@ -104,7 +104,8 @@ class WebConfig:
             if protocol == "rest" and not address.startswith(("http://", "https://")):
                 raise ConfigError(f"{variable}={raw!r}: expected [NAME=]http://HOST:PORT or {DISABLED!r}")
             if protocol == "grpc" and "://" in address and not address.startswith("dns:///"):
-                raise ConfigError(f"{variable}={raw!r}: expected [NAME=]HOST:PORT (or dns:///HOST:PORT) or {DISABLED!r}")
+                expected = f"[NAME=]HOST:PORT (or dns:///HOST:PORT) or {DISABLED!r}"
+                raise ConfigError(f"{variable}={raw!r}: expected {expected}")
             specs.append(TargetSpec(name, framework, protocol, address))
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

@@ -11,6 +11,7 @@ const MAX_WAIT_MS = 400;  // and while drawing on without a pause, at least this
 const STROKE_WIDTH = 20;  // of 280 px: about 2 px in the 20x20 box, like MNIST's pen
 const READY_POLL_MS = 10000;
 const FRAMEWORK_NAMES = { pytorch: "PyTorch", tensorflow: "TensorFlow" };
+const PROTOCOL_NAMES = { rest: "REST", grpc: "gRPC" };
 
 const canvas = document.getElementById("canvas");
 const pen = canvas.getContext("2d", { willReadFrequently: true });
@@ -146,7 +147,9 @@ function canvasToInput() {
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
       const ox = x + offsetX, oy = y + offsetY;
-      if (ox >= 0 && ox < SIDE && oy >= 0 && oy < SIDE) out[oy * SIDE + ox] = Math.min(1, Math.max(0, patch[y * w + x]));
+      if (ox >= 0 && ox < SIDE && oy >= 0 && oy < SIDE) {
+        out[oy * SIDE + ox] = Math.min(1, Math.max(0, patch[y * w + x]));
+      }
     }
   }
   return out;
@@ -274,7 +277,8 @@ function card(entry, status) {
   const node = el("article", `target ${entry.framework}`);
   node.dataset.target = entry.target;
   node.append(el("h2", "", entry.target));
-  const meta = el("div", "meta", `${FRAMEWORK_NAMES[entry.framework] || entry.framework} · ${entry.protocol.toUpperCase()}`);
+  const framework = FRAMEWORK_NAMES[entry.framework] || entry.framework;
+  const meta = el("div", "meta", `${framework} · ${PROTOCOL_NAMES[entry.protocol] || entry.protocol}`);
   if (status) {
     const state = el("span", `status ${status.ready ? "ready" : "down"}`, status.ready ? " · ready" : " · not ready");
     meta.append(state);
@@ -312,7 +316,8 @@ function render() {
       node.append(el("p", "error", `No answer: ${entry.error}`));
     } else if (entry.probabilities) {
       const answer = el("div", "answer");
-      answer.append(el("span", "class", String(entry.class)), el("span", "latency", `${entry.latency_ms.toFixed(2)} ms`));
+      const latency = el("span", "latency", `${entry.latency_ms.toFixed(2)} ms`);
+      answer.append(el("span", "class", String(entry.class)), latency);
       node.append(answer, bars(entry.probabilities, entry.class));
     } else {
       node.append(el("p", "meta", "Draw a digit to see this target's answer."));
