@@ -237,6 +237,8 @@ IMAGE = np.zeros(contract.IMAGE_SHAPE).tolist()
          "JSON Value: true Type: True is not of expected type: float"),
         ("POST", PREDICT, json.dumps({"inputs": [[[1e39] * 28] * 28]}).encode(), 400,
          "Cannot convert JSON value: 1e+39 to float without loss of precision."),
+        ("POST", PREDICT, b'{"inputs": ' + b"[" * 70 + b"0" + b"]" * 70 + b"}", 400,
+         "a value is nested 70 lists deep; a tensor has at most 64 dimensions"),
         ("POST", PREDICT, json.dumps({"inputs": {"pixels": [IMAGE]}}).encode(), 400,
          "Missing named input: images in 'inputs' object."),
         ("POST", PREDICT, json.dumps({"signature_name": "nope", "instances": [IMAGE]}).encode(), 400,

@@ -73,6 +73,8 @@ _DTYPE_NAMES = {
     types_pb2.DT_INT64: "int64", types_pb2.DT_UINT32: "uint32", types_pb2.DT_UINT64: "uint64",
     types_pb2.DT_BOOL: "bool", types_pb2.DT_STRING: "string",
 }
+# The most dimensions an array may have (numpy's limit); deeper JSON lists are refused.
+MAX_RANK = 64
 # Output dtype kinds orjson writes straight from the array (float16 is widened to float32 first).
 _NATIVE_OUTPUT_KINDS = "biuf"
 
@@ -343,6 +345,10 @@ def _dense_shape(value: Any) -> tuple[int, ...]:
         if not value:
             break
         value = value[0]
+    if len(dims) > MAX_RANK:
+        raise status.invalid_argument(
+            f"a value is nested {len(dims)} lists deep; a tensor has at most {MAX_RANK} dimensions"
+        )
     return tuple(dims)
 
 
