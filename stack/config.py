@@ -33,6 +33,7 @@ class StackConfig:
     log_dir: Path
     report_dir: Path
     ready_timeout_s: float
+    web_port: int = contract.WEB_PORT  # the draw-a-digit page (serving.web)
 
     @property
     def torch_base_path(self) -> Path:
@@ -50,10 +51,14 @@ class StackConfig:
     def grpc_target(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.host}:{self.web_port}"
+
     @classmethod
     def from_env(cls) -> "StackConfig":
         """``MNIST_HOST``, ``MNIST_REST_PORT``, ``MNIST_GRPC_PORT``, ``MNIST_MODELS_DIR``,
-        ``MNIST_LOG_DIR``, ``MNIST_REPORT_DIR``, ``MNIST_READY_TIMEOUT``."""
+        ``MNIST_LOG_DIR``, ``MNIST_REPORT_DIR``, ``MNIST_READY_TIMEOUT``, ``MNIST_WEB_PORT``."""
         return cls(
             host=os.environ.get("MNIST_HOST", "127.0.0.1"),
             rest_port=_int_env("MNIST_REST_PORT", contract.REST_PORT),
@@ -62,4 +67,5 @@ class StackConfig:
             log_dir=Path(os.environ.get("MNIST_LOG_DIR", REPO_ROOT / "logs")).resolve(),
             report_dir=Path(os.environ.get("MNIST_REPORT_DIR", REPO_ROOT / "reports")).resolve(),
             ready_timeout_s=float(os.environ.get("MNIST_READY_TIMEOUT", "120")),
+            web_port=_int_env("MNIST_WEB_PORT", contract.WEB_PORT),
         )

@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTraining and in-process inference\n" + training_summary.format_text(rows))
     print("\nServing (side by side)\n" + format_table(report))
     print(f"\nreports: {html_path}  {json_path}  {config.report_dir / 'demo.csv'}")
+    print(f"see it in a browser: `make serve`, then open {config.web_url}/ (draw a digit) and "
+          f"{config.web_url}/#report (this report)")
     if interrupts.stop.is_set():
         log.warning("interrupted during the load test; the report holds what was measured")
         return 130

@@ -1,4 +1,4 @@
-"""`make serve`: both servers in the foreground until Ctrl-C or SIGTERM.
+"""`make serve`: both servers and the web page in the foreground until Ctrl-C or SIGTERM.
 
 Ports, host and the models folder come from environment variables (see
 stack/config.py and the README); the defaults are DESIGN.md's.
@@ -26,12 +26,13 @@ def main() -> int:
     try:
         config = StackConfig.from_env()
         with running_stack(config) as stack:
-            log.info("serving: REST %s/v1/models/mnist  gRPC %s  (Ctrl-C to stop)", config.rest_url, config.grpc_target)
+            log.info("serving: REST %s/v1/models/mnist  gRPC %s  web page %s/  (Ctrl-C to stop)",
+                     config.rest_url, config.grpc_target, config.web_url)  # fmt: skip
             while not stop.wait(1.0):
-                for proc in (stack.rest, stack.grpc):
+                for proc in (stack.rest, stack.grpc, stack.web):
                     if not proc.running():
                         raise StackError(f"{proc.name} exited unexpectedly; see {proc.log_path}")
-        log.info("both servers stopped")
+        log.info("both servers and the web page stopped")
         return 0
     except (StackError, ValueError) as exc:
         log.error("%s", exc)

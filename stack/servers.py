@@ -4,6 +4,7 @@
   port, behind nginx (``python -m serving.torch_server.proxy``) on the public one, so that slow or
   idle clients never hold a gunicorn worker (docs/reliability.md)
 - the TF Serving stand-in: ``python -m serving.tfs_standin`` with TF Serving's flags
+- the draw-a-digit web page: ``python -m serving.web`` (docs/web.md), asking both servers
 
 The production stack runs the real ``tensorflow/serving`` image instead of the
 stand-in (see docker-compose.yml); ports and model paths are the same.
@@ -12,6 +13,7 @@ stand-in (see docker-compose.yml); ports and model paths are the same.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import sys
@@ -37,6 +39,7 @@ class RunningStack:
     config: StackConfig
     rest: ManagedProcess | ProxiedRestServer
     grpc: ManagedProcess
+    web: ManagedProcess
 
 
 def check_models(config: StackConfig) -> None:
@@ -129,6 +132,32 @@ def grpc_process(config: StackConfig) -> ManagedProcess:
     return ManagedProcess("TF Serving gRPC stand-in", argv, config.log_dir / "tfs-standin.log", env)
 
 
+def web_process(config: StackConfig, tfs_rest_url: str | None = None) -> ManagedProcess:
+    """The web page, asking the PyTorch REST server and the stand-in; its TF REST target only when
+    ``tfs_rest_url`` is given (the stand-in's REST API), else that target is left out."""
+    env = {
+        "MNIST_WEB_HOST": config.host,
+        "MNIST_WEB_PORT": str(config.web_port),
+        # Named as make demo's load test names them: the stand-in for what it is, never TF Serving.
+        "MNIST_WEB_PYTORCH_REST": f"torch-rest={config.rest_url}",
+        "MNIST_WEB_TENSORFLOW_REST": f"tf-standin-rest={tfs_rest_url}" if tfs_rest_url else "off",
+        "MNIST_WEB_TENSORFLOW_GRPC": f"tf-standin-grpc={config.grpc_target}",
+        "MNIST_WEB_REPORTS_DIR": str(config.report_dir),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    return ManagedProcess("web page", [sys.executable, "-m", "serving.web"], config.log_dir / "web.log", env)
+
+
+def _web_ready(config: StackConfig) -> bool:
+    # http.client, not urllib: a proxy set in the environment must not answer for a local probe.
+    connection = http.client.HTTPConnection(config.host, config.web_port, timeout=2.0)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    finally:
+        connection.close()
+
+
 def _rest_ready(config: StackConfig) -> bool:
     with RestClient(config.rest_url, timeout=2.0) as client:
         return client.ready()
@@ -141,21 +170,26 @@ def _grpc_ready(config: StackConfig) -> bool:
 
 @contextlib.contextmanager
 def running_stack(config: StackConfig) -> Iterator[RunningStack]:
-    """Both servers up and ready for the duration of the block; stopped cleanly after, on errors too."""
+    """Both servers and the web page up and ready for the block; stopped cleanly after, on errors too."""
     check_models(config)
     ensure_port_free(config.host, config.rest_port, "PyTorch REST server")
     ensure_port_free(config.host, config.grpc_port, "TF Serving gRPC stand-in")
-    rest, grpc = rest_process(config), grpc_process(config)
+    ensure_port_free(config.host, config.web_port, "web page")
+    rest, grpc, web = rest_process(config), grpc_process(config), web_process(config)
     try:
         rest.start()
         grpc.start()
+        web.start()
         took = rest.wait_ready(lambda: _rest_ready(config), config.ready_timeout_s)
         log.info("PyTorch REST server ready at %s after %.1f s", config.rest_url, took)
         took = grpc.wait_ready(lambda: _grpc_ready(config), config.ready_timeout_s)
         log.info("TF Serving stand-in ready at %s after %.1f s", config.grpc_target, took)
-        yield RunningStack(config, rest, grpc)
+        web.wait_ready(lambda: _web_ready(config), config.ready_timeout_s)
+        log.info("web page: open %s/ in a browser (draw a digit; the load-test report at %s/#report)",
+                 config.web_url, config.web_url)  # fmt: skip
+        yield RunningStack(config, rest, grpc, web)
     finally:
-        for proc in (rest, grpc):
+        for proc in (rest, grpc, web):
             status = proc.stop()
             if status not in (None, 0):
                 log.warning("%s exited with status %s (log: %s)", proc.name, status, proc.log_path)

@@ -36,6 +36,7 @@ def _config(models: Path, tmp_path: Path) -> StackConfig:
         log_dir=tmp_path / "logs",
         report_dir=tmp_path / "reports",
         ready_timeout_s=180,
+        web_port=free_port(),
     )
 
 
@@ -49,6 +50,7 @@ def _env(config: StackConfig) -> dict[str, str]:
         "MNIST_LOG_DIR": str(config.log_dir),
         "MNIST_REPORT_DIR": str(config.report_dir),
         "MNIST_READY_TIMEOUT": str(config.ready_timeout_s),
+        "MNIST_WEB_PORT": str(config.web_port),
     }
 
 
