@@ -122,9 +122,10 @@ def test_override_keeps_every_service_but_its_build_and_image(cpu_config: dict, 
     assert set(local_config["services"]) == set(cpu_config["services"])
     for name, local in local_config["services"].items():
         real = cpu_config["services"][name]
-        changed = {"tf-serving": ("build", "image", "healthcheck", "ports"), "web": ("build", "image", "environment")}.get(
-            name, ("build", "image")
-        )
+        changed = {
+            "tf-serving": ("build", "image", "healthcheck", "ports"),
+            "web": ("build", "image", "environment"),  # the stand-in's target names
+        }.get(name, ("build", "image"))
         assert _without(local, *changed) == _without(real, *changed), f"{name}: changed beyond {changed}"
     for key in ("volumes", "networks"):
         assert local_config.get(key) == cpu_config.get(key)
@@ -405,11 +406,11 @@ def test_web_page_names_the_standin_for_what_it_is(cpu_config: dict, local_confi
         return [(t.name, t.protocol, t.address) for t in WebConfig.load(environ=environment).targets()]
 
     assert targets(local_config) == [
-        ("pytorch-rest", "rest", f"http://torch-rest:{contract.REST_PORT}"),
-        ("tfs-standin-rest", "rest", f"http://tf-serving:{contract.TFS_REST_PORT}"),
-        ("tfs-standin-grpc", "grpc", f"tf-serving:{contract.TFS_GRPC_PORT}"),
+        ("torch-rest", "rest", f"http://torch-rest:{contract.REST_PORT}"),
+        ("tf-standin-rest", "rest", f"http://tf-serving:{contract.TFS_REST_PORT}"),
+        ("tf-standin-grpc", "grpc", f"tf-serving:{contract.TFS_GRPC_PORT}"),
     ]
-    assert [name for name, _, _ in targets(cpu_config)] == ["pytorch-rest", "tfserving-rest", "tfserving-grpc"]
+    assert [name for name, _, _ in targets(cpu_config)] == ["torch-rest", "tf-serving-rest", "tf-serving-grpc"]
 
 
 def test_the_local_run_names_the_standin_for_what_answers() -> None:
