@@ -610,7 +610,8 @@ IMAGES = {
     "torch-rest": (
         REPO / "Dockerfile.torch",
         "server",
-        [REPO / "serving" / "torch_server" / "app.py", REPO / "serving" / "torch_server" / "gunicorn_conf.py"],
+        [REPO / "serving" / "torch_server" / "app.py", REPO / "serving" / "torch_server" / "gunicorn_conf.py",
+         REPO / "serving" / "torch_server" / "front.py"],
         ["gunicorn"],
     ),
     # tf.summary needs TensorBoard, which TensorFlow no longer depends on; imports cannot show it.

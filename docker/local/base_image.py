@@ -82,7 +82,8 @@ def debootstrap_command(rootfs: Path, mirror: str, suite: str = SUITE) -> list[s
 
 
 def slim(rootfs: Path) -> None:
-    """Drop the downloaded packages and package lists: an image build never runs apt-get on it."""
+    """Drop the downloaded packages and package lists; the sources stay, so an image build that needs a
+    Debian package (Dockerfile.torch's nginx) runs `apt-get update` first, from the same mirror."""
     for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*"):
         for path in rootfs.glob(pattern):
             if path.is_file() or path.is_symlink():

@@ -48,7 +48,8 @@ class ProxySettings:
     keepalive_timeout_s: int = 15
     send_timeout_s: int = 10
     # Open client connections at once (nginx's worker_connections, less those it needs towards
-    # gunicorn); past it nginx closes new connections at accept.
+    # gunicorn); at the bound nginx closes idle connections (keep-alive, or nothing sent yet) to
+    # make room, and if none is idle it closes the new connection at accept.
     max_connections: int = 4096
     # Requests being answered at once (their heads read); past it: 503 with Retry-After.
     max_active_requests: int = 1024
@@ -117,6 +118,8 @@ def render_config(settings: ProxySettings, run_dir: Path) -> str:
     worker_connections = settings.max_connections + settings.max_active_requests
     return f"""# Written by serving/torch_server/proxy.py: do not edit, set MNIST_PROXY_* instead.
 worker_processes 1;
+# A graceful stop (SIGQUIT) waits this long for requests in flight, as gunicorn waits for its own.
+worker_shutdown_timeout {settings.upstream_timeout_s}s;
 pid {run_dir / "nginx.pid"};
 error_log stderr warn;
 events {{
