@@ -366,6 +366,49 @@ def slow_grpc_clients(target: str, per_kind: int) -> Iterator[tuple[SlowGrpcStre
         yield streams, prefaces
 
 
+# --- the verdict (tests and the compose test) ---------------------------------------------------
+
+ALLOWED_P99_RISE_MS = 100.0
+
+
+def pool_rounds(rounds: list[list[Timings]]) -> dict[str, Timings]:
+    """Every round's timings of one call kind put together, by name."""
+    pooled: dict[str, Timings] = {}
+    for timings in rounds:
+        for timing in timings:
+            into = pooled.setdefault(timing.name, Timings(timing.name))
+            into.latencies_ms += timing.latencies_ms
+            into.failures += timing.failures
+    return pooled
+
+
+def harm(without: dict[str, Timings], with_slow: dict[str, Timings],
+         allowed_rise_ms: float = ALLOWED_P99_RISE_MS) -> list[str]:
+    """What the slow clients did to ordinary calls: failures, or a p99 more than ``allowed_rise_ms`` higher."""
+    problems = []
+    for name, base in without.items():
+        loaded = with_slow[name]
+        if base.failures:
+            problems.append(f"{name} failed without slow clients: {base.failures[:3]}")
+        if loaded.failures:
+            problems.append(f"{name} failed while slow clients held connections: {loaded.failures[:3]}")
+        if loaded.percentile(99) > base.percentile(99) + allowed_rise_ms:
+            problems.append(f"{name}: p99 {loaded.percentile(99):.1f} ms with slow clients, "
+                            f"{base.percentile(99):.1f} ms without (allowed: +{allowed_rise_ms:.0f} ms)")
+    return problems
+
+
+def check_server(measure: Callable[[], list[Timings]], attack: Callable[[], Any], rounds: int = 2) -> list[str]:
+    """Interleaved rounds without and with the slow clients; the problems found (none: unharmed)."""
+    measure()  # warm: first calls pay connection set-up and model warm-up
+    without, with_slow = [], []
+    for _ in range(rounds):
+        without.append(measure())
+        with attack():
+            with_slow.append(measure())
+    return harm(pool_rounds(without), pool_rounds(with_slow))
+
+
 # --- the bench -----------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Slow, stalled and idle clients must not delay anyone else: the stack as `make serve` starts it.
+"""Slow, stalled and idle clients must not delay anyone else: the stack as `make serve` starts it,
+and the PyTorch REST server as its container starts it (python -m serving.torch_server.front).
 
 72 slow clients per server (24 of each kind: see bench/slow_clients.py) hold connections while one
 other client times ordinary calls. Each test fails if any ordinary call fails, or if their p99
@@ -9,16 +10,21 @@ slots) every ordinary call timed out under this load.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.slow_clients import Timings, grpc_round, rest_round, slow_grpc_clients, slow_rest_clients
+from bench.slow_clients import (
+    check_server, grpc_round, harm, pool_rounds, rest_round, slow_grpc_clients, slow_rest_clients,
+)
+from mnist_client import contract
+from mnist_client.rest import RestClient
 from serving.torch_server.config import ConfigError
 from serving.torch_server.proxy import find_nginx
-from stack.config import StackConfig
-from stack.processes import free_port
+from stack.config import REPO_ROOT, StackConfig
+from stack.processes import ManagedProcess, free_port
 from stack.servers import RunningStack, running_stack
 
 try:
@@ -30,7 +36,6 @@ pytestmark = pytest.mark.skipif(bool(_NO_NGINX), reason=_NO_NGINX)
 
 PER_KIND = 24  # slow clients of each of the three kinds: 72 per server
 CALLS = 40  # ordinary calls of each kind per round
-ALLOWED_RISE_MS = 100.0
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +51,6 @@ def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield running
 
 
-def _pooled(rounds: list[list[Timings]]) -> dict[str, Timings]:
-    pooled: dict[str, Timings] = {}
-    for timings in rounds:
-        for timing in timings:
-            into = pooled.setdefault(timing.name, Timings(timing.name))
-            into.latencies_ms += timing.latencies_ms
-            into.failures += timing.failures
-    return pooled
-
-
-def _assert_unharmed(without: dict[str, Timings], with_slow: dict[str, Timings]) -> None:
-    for name, base in without.items():
-        loaded = with_slow[name]
-        assert not base.failures, f"{name} failed without slow clients: {base.failures[:3]}"
-        assert not loaded.failures, f"{name} failed while slow clients held connections: {loaded.failures[:3]}"
-        assert loaded.percentile(99) <= base.percentile(99) + ALLOWED_RISE_MS, (
-            f"{name}: p99 {loaded.percentile(99):.1f} ms with slow clients, {base.percentile(99):.1f} ms without"
-        )
-
-
 def test_slow_http_clients_do_not_delay_ordinary_requests(stack: RunningStack) -> None:
     url = stack.config.rest_url
     rest_round(url, 5)  # warm: first calls pay connection and model warm-up
@@ -76,7 +61,8 @@ def test_slow_http_clients_do_not_delay_ordinary_requests(stack: RunningStack) -
             assert slow.stats.opened == 3 * PER_KIND, slow.stats
             with_slow.append(rest_round(url, CALLS))
             assert slow.stats.refused == 0, slow.stats
-    _assert_unharmed(_pooled(without), _pooled(with_slow))
+    problems = harm(pool_rounds(without), pool_rounds(with_slow))
+    assert not problems, problems
 
 
 def test_slow_grpc_clients_do_not_delay_ordinary_calls(stack: RunningStack) -> None:
@@ -89,4 +75,30 @@ def test_slow_grpc_clients_do_not_delay_ordinary_calls(stack: RunningStack) -> N
             assert streams.stats.opened == 2 * PER_KIND and prefaces.stats.opened == PER_KIND
             with_slow.append(grpc_round(target, CALLS))
             assert streams.stats.refused == 0, "the stalled calls fit in the slow-call slots"
-    _assert_unharmed(_pooled(without), _pooled(with_slow))
+    problems = harm(pool_rounds(without), pool_rounds(with_slow))
+    assert not problems, problems
+
+
+def test_the_rest_container_command_holds_up_and_stops_cleanly(model_repo: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "MNIST_REST_HOST": "127.0.0.1", "MNIST_REST_PORT": str(port), "MNIST_REST_UPSTREAM_PORT": str(free_port()),
+        "MNIST_REST_WORKERS": "2", "MNIST_REST_DEVICE": "cpu", "MNIST_PROXY_RUN_DIR": str(tmp_path / "nginx"),
+        "MNIST_REST_MODEL_BASE_PATH": str(model_repo / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME),
+        "PYTHONPATH": str(REPO_ROOT),
+    }  # fmt: skip
+    front = ManagedProcess("REST container command", [sys.executable, "-m", "serving.torch_server.front"],
+                           tmp_path / "front.log", env)
+    url = f"http://127.0.0.1:{port}"
+    front.start()
+    try:
+        def ready() -> bool:
+            with RestClient(url, timeout=2.0) as client:
+                return client.ready()
+
+        front.wait_ready(ready, 180)
+        problems = check_server(lambda: rest_round(url, CALLS), lambda: slow_rest_clients(url, PER_KIND))
+        assert not problems, problems
+    finally:
+        status = front.stop()
+    assert status == 0, (tmp_path / "front.log").read_text(errors="replace")[-3000:]

@@ -8,6 +8,8 @@
 - :func:`call_servers` calls both published ports from the host through the client package
   (``RestClient`` on the PyTorch server, ``GrpcClient`` on the TF Serving side) with real MNIST test
   images and checks what they answer.
+- :func:`slow_clients` holds 72 slow or idle connections to each published port while timing ordinary
+  calls from the host (bench/slow_clients.py): none may fail, and their p99 may rise at most 100 ms.
 """
 
 from __future__ import annotations
@@ -166,3 +168,23 @@ def agreement(answers: Sequence[ServerAnswer]) -> float:
     """Share of images on which the servers gave the same class."""
     first, *rest = answers
     return float(np.mean([np.mean(first.classes == other.classes) for other in rest])) if rest else 1.0
+
+
+SLOW_CLIENTS_PER_KIND = 24  # of each of the three kinds: 72 per server
+SLOW_CLIENT_CALLS = 40  # ordinary calls of each kind per round
+
+
+def slow_clients(rest_url: str, grpc_target: str) -> dict[str, list[str]]:
+    """Both servers with and without slow clients (interleaved); CheckFailed lists the harm done."""
+    from bench.slow_clients import check_server, grpc_round, rest_round, slow_grpc_clients, slow_rest_clients
+
+    problems = {
+        "pytorch-rest": check_server(lambda: rest_round(rest_url, SLOW_CLIENT_CALLS),
+                                     lambda: slow_rest_clients(rest_url, SLOW_CLIENTS_PER_KIND)),
+        "tfserving-grpc": check_server(lambda: grpc_round(grpc_target, SLOW_CLIENT_CALLS),
+                                       lambda: slow_grpc_clients(grpc_target, SLOW_CLIENTS_PER_KIND)),
+    }
+    found = [f"{server}: {problem}" for server, listed in problems.items() for problem in listed]
+    if found:
+        raise CheckFailed("slow clients delayed or failed ordinary calls: " + "; ".join(found))
+    return problems
