@@ -22,6 +22,7 @@ export PYTHONPATH := $(CURDIR)
 .PHONY: setup train train-torch train-tf test pytest bench demo serve protos clean tensorboard compose-test
 
 setup: $(STAMP)
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || echo "setup: nginx is missing: make serve and make demo run it in front of the PyTorch REST server, and its tests skip without it; install it with: apt-get install -y nginx (.ci/run does)"
 
 $(STAMP): requirements/main.txt requirements/constraints.txt requirements/no-deps.txt clients/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
