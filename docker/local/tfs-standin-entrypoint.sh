@@ -14,4 +14,5 @@ exec python -m serving.tfs_standin \
   --enable_batching=true \
   --batching_parameters_file="${TFS_BATCHING_PARAMETERS_FILE:?TFS_BATCHING_PARAMETERS_FILE must be set (the batching file)}" \
   --file_system_poll_wait_seconds=5 \
+  --grpc_channel_arguments="${TFS_GRPC_CHANNEL_ARGUMENTS:-grpc.max_concurrent_streams=100,grpc.keepalive_time_ms=60000,grpc.keepalive_timeout_ms=20000,grpc.max_connection_idle_ms=300000,grpc.max_connection_age_ms=1800000,grpc.max_connection_age_grace_ms=30000}" \
   "$@"
