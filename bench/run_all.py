@@ -29,6 +29,7 @@ BENCHMARKS = (
     "rest_server",
     "torchserve_peer",  # skips, saying what to install, where Java, TorchServe or wrk is missing
     "grpc_standin",
+    "serving_alone",  # the demo's three targets, each server alone on the machine
     "client_rest_formats",
     "loadtester_vs_wrk",
 )

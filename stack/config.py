@@ -33,6 +33,7 @@ class StackConfig:
     log_dir: Path
     report_dir: Path
     ready_timeout_s: float
+    tfs_rest_port: int = contract.TFS_REST_PORT  # the stand-in's TF Serving REST API
     web_port: int = contract.WEB_PORT  # the draw-a-digit page (serving.web)
 
     @property
@@ -52,12 +53,16 @@ class StackConfig:
         return f"{self.host}:{self.grpc_port}"
 
     @property
+    def tfs_rest_url(self) -> str:
+        return f"http://{self.host}:{self.tfs_rest_port}"
+
+    @property
     def web_url(self) -> str:
         return f"http://{self.host}:{self.web_port}"
 
     @classmethod
     def from_env(cls) -> "StackConfig":
-        """``MNIST_HOST``, ``MNIST_REST_PORT``, ``MNIST_GRPC_PORT``, ``MNIST_MODELS_DIR``,
+        """``MNIST_HOST``, ``MNIST_REST_PORT``, ``MNIST_GRPC_PORT``, ``MNIST_TFS_REST_PORT``, ``MNIST_MODELS_DIR``,
         ``MNIST_LOG_DIR``, ``MNIST_REPORT_DIR``, ``MNIST_READY_TIMEOUT``, ``MNIST_WEB_PORT``."""
         return cls(
             host=os.environ.get("MNIST_HOST", "127.0.0.1"),
@@ -67,5 +72,6 @@ class StackConfig:
             log_dir=Path(os.environ.get("MNIST_LOG_DIR", REPO_ROOT / "logs")).resolve(),
             report_dir=Path(os.environ.get("MNIST_REPORT_DIR", REPO_ROOT / "reports")).resolve(),
             ready_timeout_s=float(os.environ.get("MNIST_READY_TIMEOUT", "120")),
+            tfs_rest_port=_int_env("MNIST_TFS_REST_PORT", contract.TFS_REST_PORT),
             web_port=_int_env("MNIST_WEB_PORT", contract.WEB_PORT),
         )

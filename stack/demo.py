@@ -1,11 +1,15 @@
 """`make demo`: the whole stack on this machine, end to end, without Docker.
 
 1. trains both models with the default settings if none is exported yet;
-2. measures both models in-process (the latency floor);
-3. starts the PyTorch REST server (gunicorn) and the TF Serving gRPC stand-in;
-4. runs the side-by-side load test (real MNIST test images, closed loop);
-5. writes JSON, CSV and an HTML report that also compares training, and prints a summary;
-6. stops both servers cleanly, also on Ctrl-C or SIGTERM.
+2. fits a power function's exponent in both frameworks (the example the comparison grew from);
+3. measures both models in process, each on the path its server runs, at equal thread counts;
+4. starts the PyTorch REST server (gunicorn), the TF Serving stand-in (gRPC and REST) and the web
+   page (its URL is logged; it stops with the servers: `make serve` keeps it up);
+5. load-tests three targets side by side (PyTorch REST, TensorFlow REST, TensorFlow gRPC; real MNIST
+   test images, closed loop), each sweep point in rounds interleaved between the targets, recording
+   who used the CPU in each round;
+6. writes JSON, CSV and an HTML report, and prints a summary;
+7. stops the servers and the page cleanly, also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,19 +23,36 @@ import sys
 import threading
 from types import FrameType
 
+from bench.inprocess import format_table as inprocess_table
 from mnist_client.cpus import usable_cpus
-from mnist_client.loadtest import LoadTestConfig, LoadTestError, parse_target, run
+from mnist_client.loadtest import LoadTestConfig, LoadTestError, run
 from mnist_client.loadtest.cli import ProgressDisplay
 from mnist_client.loadtest.printers.csv_out import write_csv
 from mnist_client.loadtest.printers.html import format_html
 from mnist_client.loadtest.printers.table import format_table
 from serving.model_repository import latest_version
-from stack import training_summary
+from stack import comparison, training_summary
+from stack.comparison import serving_targets
 from stack.config import REPO_ROOT, StackConfig
 from stack.processes import StackError, stop_process
 from stack.servers import running_stack
+from training.cli import positive_int
+from training.power_fit import PowerFitReport
+from training.power_fit import format_table as format_power_fit
+from training.power_fit import render_html as render_power_fit
 
 log = logging.getLogger("stack.demo")
+
+TF_SERVER = "tf-standin"  # what answers TensorFlow's targets here: the stand-in, never called TF Serving
+
+
+def run_power_fit_example(config: StackConfig) -> PowerFitReport:
+    """The power-function fit in both frameworks, in a subprocess (this process imports neither)."""
+    out = config.report_dir / "power_fit.json"
+    log.info("fitting a power function's exponent in both frameworks")
+    subprocess.run([sys.executable, "-m", "training.power_fit", "--json", str(out)], check=True, cwd=REPO_ROOT,
+                   stdout=subprocess.DEVNULL)
+    return PowerFitReport.from_dict(json.loads(out.read_text()))
 
 
 class _Interrupts:
@@ -72,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="make demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--concurrency", type=_positive_ints, default=(1, 4, 16), help="closed-loop sweep")
-    parser.add_argument("--duration", type=_positive_float, default=10.0, help="seconds per target and sweep point")
+    parser.add_argument("--duration", type=_positive_float, default=4.0,
+                        help="seconds per round of each target and sweep point")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="rounds per target and sweep point, interleaved between the targets")
     parser.add_argument(
         "--train-args", default="", help="extra flags for both trainers when they run (e.g. '--epochs 1')"
     )
@@ -154,19 +178,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = StackConfig.from_env()
         train_missing(config, args.train_args.split())
-        rows = training_summary.collect(config, training_summary.run_inprocess_bench(config))
+        rows = training_summary.collect(config)
+        power_fit = run_power_fit_example(config)
+        inprocess = training_summary.run_inprocess_bench(config)
+        targets = serving_targets(config.rest_url, config.tfs_rest_url, config.grpc_target, TF_SERVER)
         load_config = LoadTestConfig(
-            targets=(
-                parse_target(f"pytorch-rest={config.rest_url}", "rest"),
-                parse_target(f"tfserving-grpc={config.grpc_target}", "grpc"),
-            ),
+            targets=targets,
             concurrency=args.concurrency,
             duration_s=args.duration,
+            repeats=args.repeats,
             labels={"source": "make demo"},
         )
-        with running_stack(config):
+        with running_stack(config) as stack:
+            # Each target's server, so that every round tells its CPU from the load tester's and the rest's.
+            pids = {targets[0].name: stack.rest.pids, targets[1].name: stack.grpc.pids,
+                    targets[2].name: stack.grpc.pids}
             interrupts.in_load_test = True
-            report = run(load_config, progress=ProgressDisplay(), stop=interrupts.stop)
+            report = run(load_config, progress=ProgressDisplay(), stop=interrupts.stop, server_pids=pids)
             interrupts.in_load_test = False
     except KeyboardInterrupt:
         log.warning("interrupted; servers stopped")
@@ -182,18 +210,29 @@ def main(argv: list[str] | None = None) -> int:
     json_path = report.save(config.report_dir / "demo.json")
     combined = json.loads(json_path.read_text())
     combined["training_comparison"] = rows
+    combined["inprocess"] = inprocess
+    combined["power_fit"] = power_fit.to_dict()
+    combined["framework_and_protocol"] = comparison.differences(report, TF_SERVER)
     json_path.write_text(json.dumps(combined, indent=2) + "\n")
     write_csv(report, config.report_dir / "demo.csv")
     page = format_html(
         report,
         title="MNIST: PyTorch vs TensorFlow, from training to serving",
-        sections=[("Training and in-process inference", training_summary.format_html(rows))],
+        sections=[
+            ("The first example: a power function's exponent by gradient descent", render_power_fit(power_fit)),
+            ("Training", training_summary.format_html(rows)),
+            ("In-process inference, each model on its server's path", training_summary.format_inprocess_html(inprocess)),
+            ("Serving: what answered, framework and protocol", comparison.format_html(report, TF_SERVER)),
+        ],
     )
     html_path = config.report_dir / "demo.html"
     html_path.write_text(page, encoding="utf-8")
 
-    print("\nTraining and in-process inference\n" + training_summary.format_text(rows))
+    print("\nThe first example: a power function's exponent by gradient descent\n" + format_power_fit(power_fit))
+    print("\nTraining\n" + training_summary.format_text(rows))
+    print("\nIn-process inference, each model on its server's path\n" + inprocess_table(inprocess))
     print("\nServing (side by side)\n" + format_table(report))
+    print("\n" + comparison.format_text(report, TF_SERVER))
     print(f"\nreports: {html_path}  {json_path}  {config.report_dir / 'demo.csv'}")
     print(f"see it in a browser: `make serve`, then open {config.web_url}/ (draw a digit) and "
           f"{config.web_url}/#report (this report)")

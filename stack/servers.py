@@ -19,14 +19,15 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from mnist_client import contract
 from mnist_client.grpc_client import GrpcClient
 from mnist_client.rest import RestClient
 from serving.model_repository import latest_version
-from stack.config import REPO_ROOT, StackConfig
 from serving.torch_server.config import ConfigError
 from serving.torch_server.proxy import find_nginx
+from stack.config import REPO_ROOT, StackConfig
 from stack.processes import ManagedProcess, StackError, ensure_port_free, free_port, tail
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class ProxiedRestServer:
     @property
     def pid(self) -> int | None:
         return self.server.pid
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """gunicorn's master and nginx's: together, with their children, the whole server."""
+        return self.server.pids + self.proxy.pids
 
     def start(self) -> None:
         self.server.start()
@@ -125,6 +131,7 @@ def grpc_process(config: StackConfig) -> ManagedProcess:
     argv = [
         sys.executable, "-m", "serving.tfs_standin",
         f"--port={config.grpc_port}",
+        f"--rest_api_port={config.tfs_rest_port}",
         f"--model_name={contract.MODEL_NAME}",
         f"--model_base_path={config.tf_base_path}",
     ]  # fmt: skip
@@ -163,9 +170,40 @@ def _rest_ready(config: StackConfig) -> bool:
         return client.ready()
 
 
+def _tfs_rest_ready(config: StackConfig) -> bool:
+    with RestClient(config.tfs_rest_url, timeout=2.0) as client:
+        return client.ready()
+
+
 def _grpc_ready(config: StackConfig) -> bool:
     with GrpcClient(config.grpc_target, timeout=2.0) as client:
         return client.ready()
+
+
+@contextlib.contextmanager
+def running_server(config: StackConfig, which: Literal["torch", "tf"]) -> Iterator[ManagedProcess | ProxiedRestServer]:
+    """One server of the stack alone, ready for the block and stopped after: the PyTorch REST server
+    (``torch``) or the TF Serving stand-in with its gRPC and REST APIs (``tf``). Benchmarks use it to
+    measure a server with nothing else of the stack running."""
+    check_models(config)
+    if which == "torch":
+        ensure_port_free(config.host, config.rest_port, "PyTorch REST server")
+        server: ManagedProcess | ProxiedRestServer = rest_process(config)
+        probes: tuple[Callable[[StackConfig], bool], ...] = (_rest_ready,)
+    else:
+        ensure_port_free(config.host, config.grpc_port, "TF Serving gRPC stand-in")
+        ensure_port_free(config.host, config.tfs_rest_port, "TF Serving stand-in's REST API")
+        server = grpc_process(config)
+        probes = (_grpc_ready, _tfs_rest_ready)
+    try:
+        server.start()
+        took = server.wait_ready(lambda: all(probe(config) for probe in probes), config.ready_timeout_s)
+        log.info("%s ready after %.1f s", server.name, took)
+        yield server
+    finally:
+        status = server.stop()
+        if status not in (None, 0):
+            log.warning("%s exited with status %s (log: %s)", server.name, status, server.log_path)
 
 
 @contextlib.contextmanager
@@ -174,16 +212,18 @@ def running_stack(config: StackConfig) -> Iterator[RunningStack]:
     check_models(config)
     ensure_port_free(config.host, config.rest_port, "PyTorch REST server")
     ensure_port_free(config.host, config.grpc_port, "TF Serving gRPC stand-in")
+    ensure_port_free(config.host, config.tfs_rest_port, "TF Serving stand-in's REST API")
     ensure_port_free(config.host, config.web_port, "web page")
-    rest, grpc, web = rest_process(config), grpc_process(config), web_process(config)
+    rest, grpc, web = rest_process(config), grpc_process(config), web_process(config, config.tfs_rest_url)
     try:
         rest.start()
         grpc.start()
         web.start()
         took = rest.wait_ready(lambda: _rest_ready(config), config.ready_timeout_s)
         log.info("PyTorch REST server ready at %s after %.1f s", config.rest_url, took)
-        took = grpc.wait_ready(lambda: _grpc_ready(config), config.ready_timeout_s)
-        log.info("TF Serving stand-in ready at %s after %.1f s", config.grpc_target, took)
+        took = grpc.wait_ready(lambda: _grpc_ready(config) and _tfs_rest_ready(config), config.ready_timeout_s)
+        log.info("TF Serving stand-in ready at %s (gRPC) and %s (REST) after %.1f s", config.grpc_target,
+                 config.tfs_rest_url, took)
         web.wait_ready(lambda: _web_ready(config), config.ready_timeout_s)
         log.info("web page: open %s/ in a browser (draw a digit; the load-test report at %s/#report)",
                  config.web_url, config.web_url)  # fmt: skip

@@ -37,6 +37,7 @@ def _config(models: Path, tmp_path: Path) -> StackConfig:
         report_dir=tmp_path / "reports",
         ready_timeout_s=180,
         web_port=free_port(),
+        tfs_rest_port=free_port(),
     )
 
 
@@ -51,6 +52,7 @@ def _env(config: StackConfig) -> dict[str, str]:
         "MNIST_REPORT_DIR": str(config.report_dir),
         "MNIST_READY_TIMEOUT": str(config.ready_timeout_s),
         "MNIST_WEB_PORT": str(config.web_port),
+        "MNIST_TFS_REST_PORT": str(config.tfs_rest_port),
     }
 
 
@@ -87,24 +89,45 @@ def test_running_stack_serves_both_frameworks_and_stops_cleanly(model_repo, mnis
     assert not _port_open(config.rest_port) and not _port_open(config.grpc_port)
 
 
-def test_demo_writes_reports_with_training_comparison(model_repo, tmp_path):
+@pytest.mark.timeout(1200)  # trains nothing, but fits, measures three paths at two thread counts and serves
+def test_demo_writes_reports_with_three_targets_rounds_inprocess_and_power_fit(model_repo, tmp_path):
     config = _config(model_repo, tmp_path)
-    cmd = [sys.executable, "-m", "stack.demo", "--duration", "1", "--concurrency", "1,2"]
-    result = subprocess.run(cmd, env=_env(config), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "stack.demo", "--duration", "0.5", "--concurrency", "1,2", "--repeats", "2"]
+    result = subprocess.run(cmd, env=_env(config), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Training and in-process inference" in result.stdout
     data = json.loads((config.report_dir / "demo.json").read_text())
+    # Three targets, each named for what answered: the stand-in is never called TF Serving.
+    targets = ["torch-rest", "tf-standin-rest", "tf-standin-grpc"]
+    assert [(m["target"], m["point"]) for m in data["results"]] == [(t, p) for p in (1.0, 2.0) for t in targets]
+    assert not any("tfserving" in m["target"] or "tf-serving" in m["target"] for m in data["results"])
+    for m in data["results"]:
+        assert len(m["rounds"]) == 2 and m["errors"] == 0 and m["accuracy"] > 0.8
+        assert set(m["round_stats"]) == {"p50_ms", "p99_ms", "throughput_rps"}
+        # Each round says who used the CPU; the server's share is known because the demo passed its pid.
+        assert all(r["cpu"]["server"] is not None for r in m["rounds"])
+    assert [row["point"] for row in data["framework_and_protocol"]] == [1.0, 2.0]
     frameworks = {row["framework"]: row for row in data["training_comparison"]}
     assert set(frameworks) == {"pytorch", "tensorflow"}
-    for row in frameworks.values():
-        assert row["test_accuracy"] > 0.8 and row["size_mb"] > 0 and row["latency_b1_p50_ms"] > 0
-    assert frameworks["pytorch"]["inference_threads"] == {"intra_op": 1}
+    assert all(row["test_accuracy"] > 0.8 and row["size_mb"] > 0 for row in frameworks.values())
+    # In process: both frameworks at one thread and at every usable core, on their servers' paths.
+    inprocess = data["inprocess"]
+    assert set(inprocess["results"]) == {f"threads_{n}" for n in {1, usable_cpus()}}
+    for measured in inprocess["results"].values():
+        assert measured["pytorch"]["accuracy"] > 0.8 and measured["tensorflow"]["accuracy"] > 0.8
+        assert measured["tflite"]["agreement_with_saved_model"] >= 0.999
+    assert "LoadedModel.predict" in inprocess["paths"]["pytorch"]
+    assert "Session" in inprocess["paths"]["tensorflow"]
+    fits = {fit["framework"]: fit for fit in data["power_fit"]["fits"]}
+    assert set(fits) == {"pytorch", "tensorflow"}
+    assert all(abs(fit["exponent"] - data["power_fit"]["config"]["exponent"]) < 0.05 for fit in fits.values())
     page = (config.report_dir / "demo.html").read_text()
-    assert "Training and in-process inference" in page and "<svg" in page
-    # The two latency columns come from different calls; the page says which.
-    assert "TorchScript module with 1 thread(s)" in page and "signature eagerly (intra-op threads:" in page
-    assert (config.report_dir / "demo.csv").read_text().count("\n") >= 5  # header + 2 targets x 2 points
-    assert not _port_open(config.rest_port) and not _port_open(config.grpc_port)
+    for heading in ("power function", "In-process inference", "what answered", "Training"):
+        assert heading in page
+    assert "not TensorFlow Serving" in page and "not TensorFlow Serving" in result.stdout
+    assert "framework (REST against REST)" in result.stdout and "protocol (same server)" in result.stdout
+    assert (config.report_dir / "demo.csv").read_text().count("\n") == 7  # header + 3 targets x 2 points
+    for port in (config.rest_port, config.grpc_port, config.tfs_rest_port):
+        assert not _port_open(port)
 
 
 def test_demo_trains_both_missing_models_at_once_with_prefixed_progress(tmp_path, capfd):

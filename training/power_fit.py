@@ -127,6 +127,16 @@ class PowerFitReport:
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "fits": [asdict(result) for result in self.fits]}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PowerFitReport:
+        """Read back what :meth:`to_dict` (and ``--json``) wrote, e.g. from a subprocess that ran the fits."""
+        try:
+            return cls(PowerFitConfig(**data["config"]), [FitResult(**fit) for fit in data["fits"]])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(
+                f"not a power-fit report ({type(exc).__name__}: {exc}); expected what --json writes"
+            ) from None
+
 
 def _check_finite(framework: str, step: int, loss: float, config: PowerFitConfig) -> None:
     if not math.isfinite(loss):
