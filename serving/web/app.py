@@ -27,7 +27,7 @@ from serving.web.config import WebConfig
 from serving.web.images import BadImage, parse_image
 from serving.web.reports import NoReport, latest_report
 from serving.web.targets import Target
-from serving.web.test_images import TestImages, TestImagesUnavailable
+from serving.web.mnist_samples import MnistTestImages, MnistUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class WebState:
 
     config: WebConfig
     targets: list[Target]
-    test_images: TestImages
+    test_images: MnistTestImages
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
@@ -51,7 +51,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     config = WebConfig.load(overrides)
     _configure_logging(config.log_level)
     targets = [Target(spec, config.timeout_s) for spec in config.targets()]
-    state = WebState(config, targets, TestImages(config.data_dir))
+    state = WebState(config, targets, MnistTestImages(config.data_dir))
 
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -114,7 +114,7 @@ def _register_routes(app: Flask, state: WebState) -> None:
     def random_test_image() -> Any:
         try:
             return state.test_images.pick()
-        except TestImagesUnavailable as exc:
+        except MnistUnavailable as exc:
             return _error(str(exc), 503)
 
     def report_latest() -> Any:

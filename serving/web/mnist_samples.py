@@ -16,14 +16,12 @@ from training import mnist_data
 log = logging.getLogger(__name__)
 
 
-class TestImagesUnavailable(RuntimeError):
+class MnistUnavailable(RuntimeError):
     """The MNIST test files cannot be found or read; the message says where to put them."""
 
 
-class TestImages:
+class MnistTestImages:
     """The 10,000 MNIST test images and labels, loaded lazily (the app factory stays fast)."""
-
-    __test__ = False  # not a pytest test class, despite its name
 
     def __init__(self, data_dir: Path | None) -> None:
         self.data_dir = data_dir
@@ -36,7 +34,7 @@ class TestImages:
                 try:
                     self._split = mnist_data.load_split("test", self.data_dir)
                 except (mnist_data.MnistDataError, OSError) as exc:
-                    raise TestImagesUnavailable(
+                    raise MnistUnavailable(
                         f"MNIST test images are not available ({exc}); set MNIST_WEB_DATA_DIR (or MNIST_DATA_DIR) "
                         "to a directory holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
                     ) from None
