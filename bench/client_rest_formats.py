@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--calls and every --batches value must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from training import mnist_data
+    from mnist_client import mnist_data
 
     test = mnist_data.load_split("test")
     images = test.images[: max(args.batches)]  # uint8 [N, 28, 28]: what applications usually hold

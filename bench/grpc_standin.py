@@ -78,7 +78,7 @@ def _requests(batch: int, count: int) -> list[Any]:
     from tensorflow.core.framework import types_pb2
     from tensorflow_serving.apis import predict_pb2
 
-    from training import mnist_data
+    from mnist_client import mnist_data
 
     images = mnist_data.load_split("test").scaled()
     requests = []

@@ -43,10 +43,9 @@ from typing import Any
 import numpy as np
 
 from bench.results import write_result
-from mnist_client import contract
+from mnist_client import contract, mnist_data
 from mnist_client.cpus import usable_cpus
 from serving.model_repository import latest_version
-from training import mnist_data
 from training.cli import positive_int
 
 log = logging.getLogger("bench.inprocess")

@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from bench.results import write_result
-from mnist_client import contract
+from mnist_client import contract, mnist_data
 from mnist_client.cpus import usable_cpus
-from training import mnist_data
 from training.cli import positive_int
 
 log = logging.getLogger("bench.train_throughput")
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=positive_int, default=5, help="untimed steps first, per framework")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed windows per framework (median kept)")
     parser.add_argument("--threads", type=positive_int, default=usable_cpus(), help="intra-op threads, both")
-    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: as training.mnist_data resolves it)")
+    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: as mnist_client.mnist_data finds it)")
     return parser
 
 

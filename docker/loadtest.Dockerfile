@@ -29,13 +29,13 @@ RUN --mount=type=bind,source=docker/ca-certificates,target=/tmp/extra-ca \
  && python3 -m venv /opt/venv
 
 FROM python-base AS loadtest
-# The client's dependencies with its load-test extra first (they change less often than its code).
+# The client's dependencies first (they change less often than its code).
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=requirements,target=/tmp/requirements \
     --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
     --mount=type=bind,source=docker/pip_install.py,target=/tmp/pip_install.py \
     --mount=type=bind,source=clients/pyproject.toml,target=/tmp/clients/pyproject.toml \
-    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml --extra loadtest setuptools \
+    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml setuptools \
  && install -d -o 10001 -g 10001 /reports /data/mnist
 RUN --mount=type=bind,source=clients,target=/tmp/clients,rw \
     pip install --no-cache-dir --no-deps --no-build-isolation /tmp/clients
@@ -50,21 +50,21 @@ ENTRYPOINT ["bash", "/usr/local/bin/loadtest-entrypoint"]
 CMD ["--help"]
 
 FROM python-base AS web
-# The client with its load-test extra (the report view draws the load tester's charts), Flask and gunicorn.
+# The client (the report view draws the load tester's charts; its MNIST reader picks the test images),
+# Flask and gunicorn.
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=requirements,target=/tmp/requirements \
     --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
     --mount=type=bind,source=docker/pip_install.py,target=/tmp/pip_install.py \
     --mount=type=bind,source=clients/pyproject.toml,target=/tmp/clients/pyproject.toml \
-    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml --extra loadtest \
+    python3 /tmp/pip_install.py --project-dependencies /tmp/clients/pyproject.toml \
         flask gunicorn setuptools
 RUN --mount=type=bind,source=clients,target=/tmp/clients,rw \
     pip install --no-cache-dir --no-deps --no-build-isolation /tmp/clients
 WORKDIR /app
-# The page, and the MNIST reader for its "random test image" (nothing else of training/ or serving/).
+# The page (nothing else of serving/, nothing of training/).
 COPY serving/__init__.py serving/
 COPY serving/web/ serving/web/
-COPY training/__init__.py training/mnist_data.py training/
 ENV PYTHONPATH=/app \
     MNIST_WEB_PORT=8000 \
     MNIST_WEB_DATA_DIR=/data/mnist \

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_client import mnist_data
 from stack.processes import free_port  # noqa: F401 - the tests import it from here
-from training import mnist_data
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_DIR_VARIABLE = "MNIST_DATA_DIR"

@@ -19,9 +19,9 @@ import torch
 from tensorflow.core.framework import types_pb2
 
 from conftest import MNIST_DATASET_CHECKSUM
-from mnist_client import contract
+from mnist_client import contract, mnist_data
 from serving.model_repository import list_versions, model_base_path, publish_version
-from training import mnist_data, model_tf, model_torch
+from training import model_tf, model_torch
 
 EXPECTED_PARAMETERS = 1_199_882
 # Fields export_common.base_metadata writes for both frameworks (documented in docs/export.md).

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from mnist_client.loadtest import ConfigError, LoadTestConfig, Thresholds, parse
 from mnist_client.loadtest.cli import EXIT_USAGE, main
 from mnist_client.loadtest.config import parse_list
 from mnist_client.loadtest.errors import DataError
-from mnist_client.loadtest.payload import find_mnist_dir, load_test_set
+from mnist_client.loadtest.payload import load_test_set
 
 REST = parse_target("http://127.0.0.1:8080", "rest")
 
@@ -98,14 +100,15 @@ def test_thresholds_are_validated():
 
 def test_mnist_files_are_found_or_named(tmp_path: Path, monkeypatch, mnist_dir: Path):
     assert load_test_set(mnist_dir, limit=3).images.shape == (3, 28, 28)
-    with pytest.raises(DataError, match=r"lacks the MNIST test files; expected t10k-images-idx3-ubyte.gz"):
-        find_mnist_dir(tmp_path)
+    missing = re.escape(f"{tmp_path / 't10k-images-idx3-ubyte.gz'}: file not found") + ".*--data-dir DIR"
+    with pytest.raises(DataError, match=missing):
+        load_test_set(tmp_path)
     monkeypatch.setenv("MNIST_DATA_DIR", str(tmp_path))
-    with pytest.raises(DataError, match=str(tmp_path)):
+    with pytest.raises(DataError, match=missing):
         load_test_set()
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 12)
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x00")
-    with pytest.raises(DataError, match=r"IDX magic number 2049, expected 2051"):
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 12))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x00"))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: MD5 [0-9a-f]{32}, expected 9fb629c4"):
         load_test_set()
 
 

@@ -1,12 +1,9 @@
-"""The MNIST loader: the real shared files, the mirror download path, and its errors."""
+"""The MNIST reader of the client package: the real shared files, the mirror download path, and its errors."""
 
 from __future__ import annotations
 
-import functools
 import gzip
-import http.server
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import MNIST_DATASET_CHECKSUM, free_port
-from mnist_client import contract
-from training import mnist_data
-from training.mnist_data import FILES, MnistDataError
+from mnist_client import contract, mnist_data
+from mnist_client.mnist_data import FILES, MnistDataError
+from mnist_mirror import serve_mirror
 
 TEST_IMAGES, TEST_LABELS = mnist_data.SPLITS["test"]
 
@@ -93,33 +90,6 @@ def test_unknown_split_is_rejected() -> None:
 # --- download from mirrors ------------------------------------------------------------------------
 
 
-class _MirrorHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder and records every requested path.
-
-    ``/truncated/*`` drops the connection mid-body; ``/not-http/*`` answers with a non-HTTP status line.
-    """
-
-    requests: list[str]
-
-    def do_GET(self) -> None:
-        self.requests.append(self.path)
-        if self.path.startswith("/not-http/"):
-            self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n")
-            self.close_connection = True
-            return
-        if self.path.startswith("/truncated/"):
-            self.send_response(200)
-            self.send_header("Content-Length", "100000")
-            self.end_headers()
-            self.wfile.write(bytes(1000))
-            self.close_connection = True
-            return
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def mirror_server(tmp_path: Path, real_dir: Path) -> Iterator[tuple[str, list[str]]]:
     """An HTTP server on 127.0.0.1: ``/good/`` (the real files), ``/corrupt/`` (wrong bytes), ``/truncated/``
@@ -130,42 +100,44 @@ def mirror_server(tmp_path: Path, real_dir: Path) -> Iterator[tuple[str, list[st
     for name in FILES:
         (root / "good" / name).symlink_to(real_dir / name)
         (root / "corrupt" / name).write_bytes(gzip.compress(b"not mnist"))
-    requests: list[str] = []
-    handler = type("Handler", (_MirrorHandler,), {"requests": requests})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve_mirror(root) as served:
+        yield served
+
+
+@pytest.fixture
+def no_local_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No data dir, no env var, no shared copy: the reader has to use its cache (returned, still empty)."""
+    monkeypatch.setenv("MNIST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    monkeypatch.setattr(mnist_data, "shared_copy", lambda names=FILES: None)
+    return tmp_path / "cache" / "mnist"
 
 
 def test_download_skips_broken_mirrors_and_verifies_md5(
-    mirror_server: tuple[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mirror_server: tuple[str, list[str]], no_local_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, requests = mirror_server
     refused = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
     broken = ("missing", "not-http", "truncated", "corrupt")
     monkeypatch.setenv("MNIST_MIRRORS", ",".join([refused, *(f"{url}/{m}/" for m in broken), f"{url}/good/"]))
-    monkeypatch.setenv("MNIST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
-    monkeypatch.setattr(mnist_data, "SHARED_DATA_DIR", tmp_path / "no-shared-copy")
 
-    test = mnist_data.load_split("test")  # resolves to the cache and downloads all four files
+    test = mnist_data.load_split("test")  # resolves to the cache and downloads the two test files only
 
-    cache = tmp_path / "cache" / "mnist"
-    assert mnist_data.resolve_data_dir() == cache
-    assert sorted(p.name for p in cache.iterdir()) == sorted(FILES)  # no partial files left behind
-    for name, (md5, _, _) in FILES.items():
-        assert mnist_data.md5_of(cache / name) == md5
-    assert len(test) == 10_000
+    cache = no_local_copy
+    assert sorted(p.name for p in cache.iterdir()) == sorted([TEST_IMAGES, TEST_LABELS])  # no partial files
+    assert len(test) == 10_000 and int(test.labels[0]) == 7
     # Each file: the 404, the non-HTTP answer, the dropped connection, the wrong bytes (MD5), then the good one.
-    for name in FILES:
+    for name in (TEST_IMAGES, TEST_LABELS):
         tried = [r for r in requests if r.endswith(name)]
         assert tried == [f"/{mirror}/{name}" for mirror in (*broken, "good")]
+
+    # All four files (what the trainers resolve): the training files are fetched, the cached ones are not.
+    requests.clear()
+    assert mnist_data.resolve_data_dir() == cache
+    assert sorted(p.name for p in cache.iterdir()) == sorted(FILES)
+    for name, (md5, _, _) in FILES.items():
+        assert mnist_data.md5_of(cache / name) == md5
+    assert not [r for r in requests if r.endswith((TEST_IMAGES, TEST_LABELS))]
 
     # A second resolve finds the verified cache and downloads nothing.
     requests.clear()
@@ -173,11 +145,35 @@ def test_download_skips_broken_mirrors_and_verifies_md5(
     assert requests == []
 
 
+def test_mirrors_argument_overrides_the_environment(
+    mirror_server: tuple[str, list[str]], no_local_copy: Path
+) -> None:
+    url, requests = mirror_server  # $MNIST_MIRRORS is conftest's refusing address
+    test = mnist_data.load_split("test", mirrors=[f"{url}/good"])  # no trailing slash needed
+    assert len(test) == 10_000
+    assert sorted(requests) == sorted([f"/good/{TEST_IMAGES}", f"/good/{TEST_LABELS}"])
+
+
+def test_offline_error_says_how_to_use_local_files(no_local_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MNIST_MIRRORS", f"http://127.0.0.1:{free_port()}/mnist/")  # nothing listens: offline
+    with pytest.raises(MnistDataError) as excinfo:
+        mnist_data.load_split("test")
+    message = str(excinfo.value)
+    assert message.startswith(f"could not download {TEST_IMAGES} from any mirror; tried:\n")
+    assert "Connection refused" in message
+    assert "--data-dir DIR" in message and "MNIST_DATA_DIR=DIR" in message and "MNIST_MIRRORS=" in message
+    assert TEST_IMAGES in message.split("local copies", 1)[1] and TEST_LABELS in message.split("local copies", 1)[1]
+
+
 @pytest.mark.parametrize("entry", ["ftp://example.com/mnist/", "example.com/mnist", "https://"])
 def test_malformed_mirror_list_is_a_clear_error(entry: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MNIST_MIRRORS", f"https://ok.example/mnist/,{entry}")
     with pytest.raises(MnistDataError, match=re.escape(f"MNIST_MIRRORS entry {entry!r}: expected an http:// or")):
         mnist_data.download(tmp_path)
+    with pytest.raises(MnistDataError, match=re.escape(f"mirrors {entry!r}: expected an http:// or")):
+        mnist_data.download(tmp_path, mirrors=[entry])
+    with pytest.raises(MnistDataError, match=re.escape("['emnist.gz']: not MNIST file names; expected some of")):
+        mnist_data.download(tmp_path, mirrors=["https://ok.example/"], names=["emnist.gz"])
 
 
 def test_download_replaces_a_corrupt_cached_file(

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import MNIST_DATASET_CHECKSUM
-from mnist_client import contract
+from mnist_client import contract, mnist_data
 from serving.model_repository import list_versions
-from training import mnist_data, recipe, train_torch
+from training import recipe, train_torch
 from training.model_torch import predict_numpy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

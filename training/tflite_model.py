@@ -188,7 +188,7 @@ def tflite_latency(
     if batch < 1 or repeats < 1:
         raise ValueError(f"batch {batch}, repeats {repeats}: expected positive counts")
     if images is None:
-        from training import mnist_data
+        from mnist_client import mnist_data
 
         images = mnist_data.load_split("test").scaled()
     if len(images) < batch:

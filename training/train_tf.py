@@ -35,8 +35,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from mnist_client import contract
-from training import cli, mnist_data, recipe
+from mnist_client import contract, mnist_data
+from training import cli, recipe
 from training.model_tf import build_model, export_saved_model, normalize
 
 log = logging.getLogger("train_tf")

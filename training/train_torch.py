@@ -40,9 +40,9 @@ from torch.utils.data.distributed import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from mnist_client import contract
+from mnist_client import contract, mnist_data
 from mnist_client.cpus import usable_cpus
-from training import cli, mnist_data, recipe
+from training import cli, recipe
 from training.model_torch import Net, export_torchscript, select_device
 
 log = logging.getLogger("train_torch")

@@ -438,7 +438,7 @@ def stack_env(
     base: dict[str, str], files: Sequence[Path], args: argparse.Namespace, staged: build_inputs.Staged
 ) -> dict[str, str]:
     """The environment Compose runs in: the files' own variables set here and nowhere else."""
-    from training.mnist_data import resolve_data_dir
+    from mnist_client.mnist_data import resolve_data_dir
 
     env = {k: v for k, v in base.items() if not k.startswith("COMPOSE_") and k not in compose_variables(files)}
     reports = REPO / "reports"
@@ -497,7 +497,7 @@ def training_summaries(compose: Compose) -> dict[str, str]:
 
 def host_calls(address: str, config: dict[str, Any], data_dir: str) -> dict[str, Any]:
     """Both servers from the host, on the ports the stack publishes, through the client package."""
-    from training.mnist_data import load_split
+    from mnist_client.mnist_data import load_split
 
     test = load_split("test", data_dir=data_dir)
     images, labels = test.images[:HOST_CALL_IMAGES], test.labels[:HOST_CALL_IMAGES]

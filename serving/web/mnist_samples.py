@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_client import contract
-from training import mnist_data
+from mnist_client import contract, mnist_data
 
 log = logging.getLogger(__name__)
 

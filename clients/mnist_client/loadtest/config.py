@@ -175,7 +175,7 @@ class LoadTestConfig:
     rest_format: RestFormat = "json"
     model_version: int | None = None  # None: the server's latest
     distinct_images: int = 1000  # how many MNIST test images the payload cycles through
-    data_dir: Path | None = None  # MNIST files; None: MNIST_DATA_DIR or discovery (see payload.find_mnist_dir)
+    data_dir: Path | None = None  # MNIST files; None: as mnist_client.mnist_data resolves them (may download)
     labels: dict[str, str] = field(default_factory=dict)  # free-form tags copied into the report
     security: Security = field(default_factory=Security)  # TLS files and the bearer token (security.py)
 

@@ -1,38 +1,22 @@
 """Request payloads from the real MNIST test images, encoded once before the load starts.
 
-The client package cannot depend on ``training/``, so this module carries its own small reader for
-the two MNIST test files (gzipped or plain IDX). Where the files are, in order:
-
-1. ``data_dir`` given by the caller (``--data-dir``);
-2. the ``MNIST_DATA_DIR`` environment variable;
-3. ``shared/data/mnist`` in the current directory or any directory above it, and the same beside any
-   directory above this package (the layout of the project's machines: ``<repo>/../shared/data/mnist``);
-4. the training loader's download cache (``MNIST_CACHE_DIR``, default ``~/.cache/mnist-serving/mnist``).
-
-Requests are encoded by the client library itself (:meth:`mnist_client.rest.RestClient.prepare` and
-:meth:`mnist_client.grpc_client.GrpcClient.prepare`), so the load tester sends exactly what an
-application would.
+The images come from :mod:`mnist_client.mnist_data` (``--data-dir``, else ``MNIST_DATA_DIR``, else a
+shared copy, else the download cache, filled from the mirrors on first use: MD5-checked, see
+docs/data.md). Requests are encoded by the client library itself
+(:meth:`mnist_client.rest.RestClient.prepare` and :meth:`mnist_client.grpc_client.GrpcClient.prepare`),
+so the load tester sends exactly what an application would.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from mnist_client import contract
+from mnist_client import mnist_data
 from mnist_client.loadtest.config import LoadTestConfig, Target
 from mnist_client.loadtest.errors import DataError
-
-TEST_IMAGES_FILE = "t10k-images-idx3-ubyte"
-TEST_LABELS_FILE = "t10k-labels-idx1-ubyte"
-_IMAGES_MAGIC = 2051
-_LABELS_MAGIC = 2049
 
 
 @dataclass(frozen=True)
@@ -60,83 +44,13 @@ class Payload:
         return len(self.bodies)
 
 
-def _candidate_dirs() -> Iterator[Path]:
-    starts = [Path.cwd(), Path(__file__).resolve().parent]
-    seen: set[Path] = set()
-    for start in starts:
-        for directory in (start, *start.parents):
-            candidate = directory / "shared" / "data" / "mnist"
-            if candidate not in seen:
-                seen.add(candidate)
-                yield candidate
-    cache = Path(os.environ.get("MNIST_CACHE_DIR", Path.home() / ".cache" / "mnist-serving")) / "mnist"
-    yield cache
-
-
-def _find_file(directory: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem):
-        if (directory / name).is_file():
-            return directory / name
-    return None
-
-
-def find_mnist_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The directory holding the MNIST test files (see the module docstring for the search order)."""
-    if data_dir is not None:
-        chosen = Path(data_dir)
-        if _find_file(chosen, TEST_IMAGES_FILE) is None or _find_file(chosen, TEST_LABELS_FILE) is None:
-            raise DataError(
-                f"data directory {chosen} lacks the MNIST test files; expected {TEST_IMAGES_FILE}.gz and "
-                f"{TEST_LABELS_FILE}.gz (or uncompressed) in it"
-            )
-        return chosen
-    env = os.environ.get("MNIST_DATA_DIR")
-    if env:
-        return find_mnist_dir(env)
-    looked = []
-    for candidate in _candidate_dirs():
-        looked.append(str(candidate))
-        if _find_file(candidate, TEST_IMAGES_FILE) and _find_file(candidate, TEST_LABELS_FILE):
-            return candidate
-    raise DataError(
-        "MNIST test files not found; pass --data-dir DIR (or set MNIST_DATA_DIR) to a directory holding "
-        f"{TEST_IMAGES_FILE}.gz and {TEST_LABELS_FILE}.gz. Looked in: " + ", ".join(looked)
-    )
-
-
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """A uint8 IDX file (gzipped or not) as an array, its header checked against ``magic``."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: not a valid gzip file ({exc})") from exc
-    ndim = 3 if magic == _IMAGES_MAGIC else 1
-    header_len = 4 * (1 + ndim)
-    if len(raw) < header_len:
-        raise DataError(f"{path}: {len(raw)} bytes, too short for an IDX header of {header_len} bytes")
-    header = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
-    if int(header[0]) != magic:
-        raise DataError(f"{path}: IDX magic number {int(header[0])}, expected {magic}")
-    dims = tuple(int(d) for d in header[1:])
-    if ndim == 3 and dims[1:] != contract.IMAGE_SHAPE:
-        raise DataError(f"{path}: images of {dims[1:]} pixels, expected {contract.IMAGE_SHAPE}")
-    expected_len = header_len + int(np.prod(dims))
-    if len(raw) != expected_len:
-        raise DataError(f"{path}: {len(raw)} bytes, expected {expected_len} for IDX dimensions {dims}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)  # [N, 28, 28] or [N]
-
-
 def load_test_set(data_dir: str | os.PathLike[str] | None = None, limit: int | None = None) -> TestSet:
-    """The first ``limit`` (default: all) MNIST test images and labels."""
-    directory = find_mnist_dir(data_dir)
-    images = read_idx(_find_file(directory, TEST_IMAGES_FILE), _IMAGES_MAGIC)  # type: ignore[arg-type]
-    labels = read_idx(_find_file(directory, TEST_LABELS_FILE), _LABELS_MAGIC)  # type: ignore[arg-type]
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{directory}: {images.shape[0]} test images but {labels.shape[0]} labels")
-    if labels.size and int(labels.max()) >= contract.NUM_CLASSES:
-        raise DataError(f"{directory}: label {int(labels.max())} found, expected 0..{contract.NUM_CLASSES - 1}")
+    """The first ``limit`` (default: all) MNIST test images and labels, downloaded if no copy is found."""
+    try:
+        split = mnist_data.load_split("test", data_dir)
+    except mnist_data.MnistDataError as exc:
+        raise DataError(str(exc)) from exc
+    images, labels = split.images, split.labels
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return TestSet(images=images, labels=labels)

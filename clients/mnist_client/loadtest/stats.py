@@ -13,16 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from hdrh.histogram import HdrHistogram
+
 from mnist_client.loadtest.cpu_usage import contention
 from mnist_client.loadtest.errors import ResultFileError
-
-try:
-    from hdrh.histogram import HdrHistogram
-except ImportError as _exc:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        "the load tester needs the 'hdrhistogram' package; install the client with its load-test extra: "
-        "pip install 'mnist-serving-client[loadtest]'"
-    ) from _exc
 
 LOWEST_US = 1
 HIGHEST_US = 3_600_000_000  # one hour: anything slower is clamped (and counted in ``clamped``)

@@ -1,16 +1,22 @@
-"""MNIST from the four original gzipped IDX files, parsed with numpy.
+"""MNIST from the four original gzipped IDX files: found, downloaded (MD5-checked, cached), parsed with numpy.
+
+The one MNIST reader of the project: the trainers, the load tester and the web page all use it, and it
+needs nothing but numpy and the standard library, so it travels with the client package.
 
 Where the files come from, in order:
 
-1. an explicit directory (``--data-dir`` flag of the trainers, or ``data_dir=``),
+1. an explicit directory (``data_dir=``; the ``--data-dir`` flag of the trainers and of ``mnist-loadtest``),
 2. the ``MNIST_DATA_DIR`` environment variable,
-3. the shared copy on our machines (``<repo>/../shared/data/mnist``) if present,
-4. a download cache (``MNIST_CACHE_DIR``, default ``~/.cache/mnist-serving``),
-   filled from the public mirrors (``MNIST_MIRRORS`` overrides the list), each
-   file MD5-checked, trying the next mirror when one fails.
+3. a shared copy, ``shared/data/mnist`` beside a directory above this package (how the project's own
+   machines keep it: ``<checkout>/../shared/data/mnist``, seen from the editable install),
+4. the download cache, ``$MNIST_CACHE_DIR/mnist`` (default ``~/.cache/mnist-serving/mnist``), filled from
+   the mirrors (``MNIST_MIRRORS``, comma-separated base URLs, or ``mirrors=``, replace the built-in list),
+   each file MD5-checked, trying the next mirror when one fails. Only the files asked for are fetched:
+   the test split alone is 1.6 MB.
 
-Every problem with a file (missing, corrupt gzip, wrong checksum, wrong IDX
-header) raises :class:`MnistDataError` naming the file and what was expected.
+Every problem with a file (missing, corrupt gzip, wrong checksum, wrong IDX header) raises
+:class:`MnistDataError` naming the file and what was expected; a download that no mirror can serve (no
+network) says how to point the reader at local copies instead.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +42,9 @@ from mnist_client.contract import IMAGE_HEIGHT, IMAGE_WIDTH, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+DATA_DIR_VARIABLE = "MNIST_DATA_DIR"
+CACHE_DIR_VARIABLE = "MNIST_CACHE_DIR"
+MIRRORS_VARIABLE = "MNIST_MIRRORS"
 
 DEFAULT_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -91,46 +99,73 @@ def dataset_checksum(data_dir: Path) -> str:
     return hashlib.md5(joined.encode()).hexdigest()
 
 
-def _mirrors() -> list[str]:
-    env = os.environ.get("MNIST_MIRRORS")
-    mirrors = [m.strip() for m in env.split(",") if m.strip()] if env else list(DEFAULT_MIRRORS)
+def configured_mirrors(mirrors: Sequence[str] | None = None) -> list[str]:
+    """The mirror base URLs to try, in order: ``mirrors``, else ``$MNIST_MIRRORS``, else the built-in list."""
+    source = "mirrors"
+    if mirrors is None:
+        env = os.environ.get(MIRRORS_VARIABLE)
+        mirrors = [m.strip() for m in env.split(",") if m.strip()] if env else list(DEFAULT_MIRRORS)
+        source = f"{MIRRORS_VARIABLE} entry" if env else source
     for mirror in mirrors:
-        if urllib.parse.urlsplit(mirror).scheme not in ("http", "https") or not urllib.parse.urlsplit(mirror).netloc:
+        parts = urllib.parse.urlsplit(mirror)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
             raise MnistDataError(
-                f"MNIST_MIRRORS entry {mirror!r}: expected an http:// or https:// base URL "
+                f"{source} {mirror!r}: expected an http:// or https:// base URL "
                 "(comma-separated, e.g. https://host/mnist/)"
             )
     return [m if m.endswith("/") else m + "/" for m in mirrors]
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MNIST_CACHE_DIR", Path.home() / ".cache" / "mnist-serving")) / "mnist"
+    """Where downloads go: ``$MNIST_CACHE_DIR/mnist``, default ``~/.cache/mnist-serving/mnist``."""
+    return Path(os.environ.get(CACHE_DIR_VARIABLE, Path.home() / ".cache" / "mnist-serving")) / "mnist"
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Pick the directory to read from, downloading into the cache if needed."""
+def shared_copy(names: Iterable[str] = FILES) -> Path | None:
+    """``shared/data/mnist`` beside a directory above this package, if it holds ``names``."""
+    names = list(names)
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "data" / "mnist"
+        if all((candidate / name).is_file() for name in names):
+            return candidate
+    return None
+
+
+def resolve_data_dir(
+    data_dir: str | os.PathLike[str] | None = None,
+    names: Iterable[str] = FILES,
+    mirrors: Sequence[str] | None = None,
+) -> Path:
+    """The directory to read ``names`` (default: all four files) from, downloading them into the cache if needed."""
     if data_dir:
         return Path(data_dir)
-    env = os.environ.get("MNIST_DATA_DIR")
+    env = os.environ.get(DATA_DIR_VARIABLE)
     if env:
         return Path(env)
-    if all((SHARED_DATA_DIR / name).is_file() for name in FILES):
-        return SHARED_DATA_DIR
+    names = list(names)
+    shared = shared_copy(names)
+    if shared is not None:
+        return shared
     target = cache_dir()
-    download(target)
+    download(target, mirrors, names)
     return target
 
 
-def download(target: Path, mirrors: list[str] | None = None) -> None:
-    """Fetch any missing or corrupt file into ``target``, MD5-checked, mirror by mirror."""
+def download(target: Path, mirrors: Sequence[str] | None = None, names: Iterable[str] = FILES) -> None:
+    """Fetch each of ``names`` that is missing or corrupt in ``target``, MD5-checked, mirror by mirror."""
+    names = list(names)
+    unknown = sorted(set(names) - set(FILES))
+    if unknown:
+        raise MnistDataError(f"{unknown}: not MNIST file names; expected some of {sorted(FILES)}")
+    mirror_list = configured_mirrors(mirrors)
     target.mkdir(parents=True, exist_ok=True)
-    mirrors = mirrors if mirrors is not None else _mirrors()
-    for name, (md5, _, _) in FILES.items():
+    for name in names:
+        md5 = FILES[name][0]
         dest = target / name
         if dest.is_file() and md5_of(dest) == md5:
             continue
         failures = []
-        for mirror in mirrors:
+        for mirror in mirror_list:
             url = mirror + name
             try:
                 _fetch(url, dest, md5)
@@ -143,7 +178,11 @@ def download(target: Path, mirrors: list[str] | None = None) -> None:
                 failures.append(f"{url}: {detail}")
         else:
             raise MnistDataError(
-                f"could not download {name} from any mirror; tried:\n  " + "\n  ".join(failures)
+                f"could not download {name} from any mirror; tried:\n  "
+                + "\n  ".join(failures)
+                + f"\nWithout network, point the reader at local copies of the gzipped IDX files ({', '.join(names)}):"
+                f" --data-dir DIR (trainers, mnist-loadtest) or {DATA_DIR_VARIABLE}=DIR; or name reachable mirrors"
+                f" with {MIRRORS_VARIABLE}=URL[,URL...]"
             )
 
 
@@ -170,7 +209,10 @@ def read_idx(path: Path, verify_md5: bool = True) -> np.ndarray:
         raise MnistDataError(f"{path}: not an MNIST file name; expected one of {sorted(FILES)}")
     md5, magic, count = FILES[name]
     if not path.is_file():
-        raise MnistDataError(f"{path}: file not found (expected the original gzipped IDX file {name})")
+        raise MnistDataError(
+            f"{path}: file not found (expected the original gzipped IDX file {name}; --data-dir DIR or "
+            f"{DATA_DIR_VARIABLE}=DIR names the directory that holds the MNIST files)"
+        )
     if verify_md5:
         got = md5_of(path)
         if got != md5:
@@ -199,12 +241,17 @@ def read_idx(path: Path, verify_md5: bool = True) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
-def load_split(split: str, data_dir: str | os.PathLike[str] | None = None, verify_md5: bool = True) -> Split:
-    """Load ``"train"`` or ``"test"`` from the resolved data directory."""
+def load_split(
+    split: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    verify_md5: bool = True,
+    mirrors: Sequence[str] | None = None,
+) -> Split:
+    """Load ``"train"`` or ``"test"`` from the resolved data directory (downloading only that split's files)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {sorted(SPLITS)}")
-    directory = resolve_data_dir(data_dir)
     images_file, labels_file = SPLITS[split]
+    directory = resolve_data_dir(data_dir, (images_file, labels_file), mirrors)
     images = read_idx(directory / images_file, verify_md5)
     labels = read_idx(directory / labels_file, verify_md5)
     if labels.max(initial=0) >= NUM_CLASSES:

@@ -1,0 +1,132 @@
+"""The client package alone, as an application installs it: ``pip install ./clients`` into a fresh virtual
+environment gives a working ``mnist-loadtest``, which load-tests a running stack without a data directory
+(it downloads the MNIST test files, MD5-checked, from a local mirror named by ``MNIST_MIRRORS``).
+
+pip installs with the machine's own configuration, the one ``make setup`` uses (PyPI or its mirror).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from mnist_client.loadtest import load_report
+from mnist_client.mnist_data import SPLITS
+from mnist_mirror import serve_mirror
+from stack.config import StackConfig
+from stack.servers import RunningStack, running_stack
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUESTS = 30
+MIN_ACCURACY = 0.8  # quick-trained fixture models; chance is 0.1
+
+pytestmark = pytest.mark.slow
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: nothing of this checkout or of the tests' MNIST settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MNIST_")}  # fmt: skip
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def venv_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``bin/`` of a fresh virtual environment holding only ``pip install ./clients`` and what it pulls in."""
+    root = tmp_path_factory.mktemp("client-venv")
+    # Installed from a copy, so that the build's files never land in (or race over) the checkout.
+    source = root / "clients"
+    shutil.copytree(REPO_ROOT / "clients", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # fmt: skip
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=120)
+    bin_dir = root / "venv" / "bin"
+    result = subprocess.run(
+        [str(bin_dir / "pip"), "install", "--quiet", "--no-input", str(source)],
+        cwd=root, env=_clean_env(), capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, f"pip install ./clients failed:\n{result.stdout}\n{result.stderr}"
+    return bin_dir
+
+
+def test_installed_package_brings_its_libraries_and_nothing_heavy(venv_bin: Path) -> None:
+    result = subprocess.run([str(venv_bin / "pip"), "list", "--format=freeze"], env=_clean_env(),
+                            capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    installed = {line.split("==")[0].lower() for line in result.stdout.splitlines()}
+    assert {"mnist-serving-client", "hdrhistogram", "tqdm", "numpy", "grpcio", "protobuf", "urllib3"} <= installed
+    assert not installed & {"torch", "tensorflow", "tensorflow-cpu", "tensorflow-serving-api"}
+
+
+def test_loadtest_help_works_from_the_installed_package(venv_bin: Path, tmp_path: Path) -> None:
+    for argv in (["--help"], ["run", "--help"]):
+        result = subprocess.run([str(venv_bin / "mnist-loadtest"), *argv], cwd=tmp_path, env=_clean_env(),
+                                capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: mnist-loadtest") and not result.stderr
+
+
+@pytest.fixture(scope="module")
+def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """Both servers of the local stack on free ports, serving the quick-trained fixture models."""
+    folder = tmp_path_factory.mktemp("stack")
+    config = StackConfig(
+        host="127.0.0.1", rest_port=free_port(), grpc_port=free_port(), models_dir=model_repo,
+        log_dir=folder / "logs", report_dir=folder / "reports", ready_timeout_s=180,
+        tfs_rest_port=free_port(), web_port=free_port(),
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MNIST_REST_WORKERS", "1")
+        with running_stack(config) as running:
+            yield running
+
+
+def test_installed_loadtest_runs_against_the_stack_without_a_data_dir(
+    venv_bin: Path, stack: RunningStack, mnist_dir: Path, tmp_path: Path
+) -> None:
+    # The mirror holds the real test files; the cache starts empty and no data directory is set anywhere.
+    www = tmp_path / "www" / "mnist"
+    www.mkdir(parents=True)
+    for name in SPLITS["test"]:
+        (www / name).symlink_to(mnist_dir / name)
+    cache = tmp_path / "cache"
+    report_path = tmp_path / "report.json"
+    with serve_mirror(www.parent) as (url, requests):
+        result = subprocess.run(
+            [str(venv_bin / "mnist-loadtest"), "run", "--rest", stack.config.rest_url,
+             "--grpc", stack.config.grpc_target, "--requests", str(REQUESTS), "--warmup", "2",
+             "--distinct-images", "200", "--no-progress", "--json", str(report_path)],
+            cwd=tmp_path, env=_clean_env(MNIST_MIRRORS=f"{url}/mnist/", MNIST_CACHE_DIR=str(cache), HOME=str(tmp_path)),
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    # Downloaded once, the test split only, and kept MD5-verified in the cache.
+    assert sorted(requests) == sorted(f"/mnist/{name}" for name in SPLITS["test"])
+    assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(SPLITS["test"])
+    for name in SPLITS["test"]:
+        assert (cache / "mnist" / name).read_bytes() == (mnist_dir / name).read_bytes()
+    report = load_report(report_path)
+    assert report.targets == ["rest", "grpc"]
+    for measurement in report.measurements:
+        assert measurement.ok == REQUESTS and not measurement.errors, measurement.errors
+    for target in report.targets:
+        accuracy = report.accuracy(target)
+        assert accuracy is not None and accuracy >= MIN_ACCURACY, (target, accuracy)
+
+
+def test_installed_loadtest_offline_says_how_to_point_at_local_files(venv_bin: Path, tmp_path: Path) -> None:
+    refused = f"http://127.0.0.1:{free_port()}/mnist/"  # nothing listens there: as good as offline
+    result = subprocess.run(
+        [str(venv_bin / "mnist-loadtest"), "run", "--rest", "http://127.0.0.1:9", "--requests", "1", "--no-progress"],
+        cwd=tmp_path, env=_clean_env(MNIST_MIRRORS=refused, MNIST_CACHE_DIR=str(tmp_path / "cache"),
+                                     HOME=str(tmp_path)),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr  # the run could not be used (docs/loadtest.md, exit codes)
+    assert f"could not download {SPLITS['test'][0]} from any mirror" in result.stderr
+    assert "--data-dir DIR" in result.stderr and "MNIST_DATA_DIR=DIR" in result.stderr
