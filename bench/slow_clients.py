@@ -1,6 +1,7 @@
 """Ordinary requests' latency while slow, stalled and idle clients hold connections to the servers.
 
-    python -m bench.slow_clients --rest http://127.0.0.1:8080 --grpc 127.0.0.1:8500   # (make serve)
+    python -m bench.slow_clients --rest http://127.0.0.1:8080 --grpc 127.0.0.1:8500 \
+        --tfs-rest http://127.0.0.1:8501                                                  # (make serve)
 
 For each server it alternates rounds without and with the slow clients (A B A B ...), timing
 ordinary requests (REST: GET /healthz and one-image predict; gRPC: health Check and one-image
@@ -286,11 +287,20 @@ def one_image() -> np.ndarray:
     return image
 
 
-class RestCalls:
-    """GET /healthz and one-image predict on one keep-alive session, no retries, ``timeout_s`` each."""
+HEALTH_PATHS = {"pytorch": "/healthz", "tfserving": f"/v1/models/{contract.MODEL_NAME}"}
 
-    def __init__(self, url: str, timeout_s: float = 3.0, verify: bool | str = True) -> None:
+
+class RestCalls:
+    """GET ``health_path`` and one-image predict on one keep-alive session, no retries, ``timeout_s`` each.
+
+    ``health_path``: /healthz on the PyTorch server; TF Serving's REST API (and the stand-in's) has
+    none, so there the model status, GET /v1/models/mnist, stands for it.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 3.0, verify: bool | str = True,
+                 health_path: str = HEALTH_PATHS["pytorch"]) -> None:
         self.url = url.rstrip("/")
+        self.health_path = health_path
         self.timeout_s = timeout_s
         self.session = requests.Session()
         self.session.trust_env = False  # a proxy in the environment must not answer for 127.0.0.1
@@ -298,7 +308,7 @@ class RestCalls:
         self.body = {"instances": one_image().tolist()}
 
     def healthz(self) -> None:
-        answer = self.session.get(f"{self.url}/healthz", timeout=self.timeout_s)
+        answer = self.session.get(f"{self.url}{self.health_path}", timeout=self.timeout_s)
         answer.raise_for_status()
 
     def predict(self) -> None:
@@ -330,8 +340,8 @@ class GrpcCalls:
         self.client.close()
 
 
-def rest_round(url: str, calls: int) -> list[Timings]:
-    client = RestCalls(url)
+def rest_round(url: str, calls: int, health_path: str = HEALTH_PATHS["pytorch"]) -> list[Timings]:
+    client = RestCalls(url, health_path=health_path)
     try:
         return [time_calls("rest healthz", client.healthz, calls), time_calls("rest predict", client.predict, calls)]
     finally:
@@ -412,12 +422,16 @@ def check_server(measure: Callable[[], list[Timings]], attack: Callable[[], Any]
 # --- the bench -----------------------------------------------------------------------------------
 
 
-def run(rest_url: str | None, grpc_target: str | None, rounds: int, calls: int, per_kind: int) -> dict[str, Any]:
+def run(rest_url: str | None, grpc_target: str | None, rounds: int, calls: int, per_kind: int,
+        tfs_rest_url: str | None = None) -> dict[str, Any]:
     """Interleaved rounds (without, with) per server; medians of the per-round p50/p99."""
     servers: list[tuple[str, Callable[[], list[Timings]], Callable[[], Any]]] = []
     if rest_url:
         servers.append((f"pytorch-rest {rest_url}", lambda: rest_round(rest_url, calls),
                         lambda: slow_rest_clients(rest_url, per_kind)))
+    if tfs_rest_url:
+        servers.append((f"tfs-rest {tfs_rest_url}", lambda: rest_round(tfs_rest_url, calls, HEALTH_PATHS["tfserving"]),
+                        lambda: slow_rest_clients(tfs_rest_url, per_kind)))
     if grpc_target:
         servers.append((f"grpc {grpc_target}", lambda: grpc_round(grpc_target, calls),
                         lambda: slow_grpc_clients(grpc_target, per_kind)))
@@ -466,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rest", help="the PyTorch REST server's URL (http://host:port), or leave out")
     parser.add_argument("--grpc", help="a gRPC server's host:port (the stand-in, or TF Serving), or leave out")
+    parser.add_argument("--tfs-rest", help="a TF Serving REST API's URL (the stand-in's, or TF Serving's), or leave out")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds without/with (default 3)")
     parser.add_argument("--calls", type=int, default=200, help="ordinary calls of each kind per round (200)")
     parser.add_argument("--per-kind", type=int, default=32,
@@ -477,12 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if not args.rest and not args.grpc:
-        build_parser().error("give --rest, --grpc or both")
+    if not args.rest and not args.grpc and not args.tfs_rest:
+        build_parser().error("give --rest, --grpc, --tfs-rest or several")
     for name in ("rounds", "calls", "per_kind"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
-    result = run(args.rest, args.grpc, args.rounds, args.calls, args.per_kind)
+    result = run(args.rest, args.grpc, args.rounds, args.calls, args.per_kind, args.tfs_rest)
     write_result(args.output_dir, "slow_clients", result, format_table(result))
     return result
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.slow_clients import (
-    check_server, grpc_round, harm, pool_rounds, rest_round, slow_grpc_clients, slow_rest_clients,
+    HEALTH_PATHS, check_server, grpc_round, harm, pool_rounds, rest_round, slow_grpc_clients, slow_rest_clients,
 )
 from mnist_client import contract
 from mnist_client.rest import RestClient
@@ -79,6 +79,16 @@ def test_slow_grpc_clients_do_not_delay_ordinary_calls(stack: RunningStack) -> N
     assert not problems, problems
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known: the stand-in's REST API (cheroot, serving/tfs_standin/rest.py) reads a request head in one of its "
+    "worker threads with no deadline on the whole head, so 72 slow clients hold every thread and ordinary "
+    "calls time out; the fix is a front that reads requests whole (nginx, as for the PyTorch server)"))
+def test_slow_http_clients_do_not_delay_the_standins_rest_api(stack: RunningStack) -> None:
+    url = stack.config.tfs_rest_url
+    # Few calls: while the bug stands, each one waits for its timeout.
+    problems = check_server(lambda: rest_round(url, 3, HEALTH_PATHS["tfserving"]),
+                            lambda: slow_rest_clients(url, PER_KIND), rounds=1)
+    assert not problems, problems
 def test_the_rest_container_command_holds_up_and_stops_cleanly(model_repo: Path, tmp_path: Path) -> None:
     port = free_port()
     env = {
