@@ -1,4 +1,4 @@
-"""Settings of the local stack, from environment variables with DESIGN.md's defaults."""
+"""Settings of the local stack, from environment variables; defaults from mnist_client.contract (docs/design.md)."""
 
 from __future__ import annotations
 

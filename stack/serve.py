@@ -1,7 +1,7 @@
 """`make serve`: both servers and the web page in the foreground until Ctrl-C or SIGTERM.
 
 Ports, host and the models folder come from environment variables (see
-stack/config.py and the README); the defaults are DESIGN.md's.
+stack/config.py); the defaults are the ports of docs/design.md.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     config = ServerConfig.load(overrides)
     _configure_logging(config.log_level)
     token = config.resolved_auth_token()
-    # One intra-op thread per worker: workers are the parallelism (see DESIGN.md: 30x slower otherwise).
+    # One intra-op thread per worker: workers are the parallelism (torch's default pools: ~30x slower).
     torch.set_num_threads(config.torch_threads)
     try:
         device = resolve_device(config.device)
