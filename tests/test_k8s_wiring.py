@@ -94,7 +94,13 @@ def test_gunicorn_settings_fit_the_pod_and_the_grace_period(
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # else the config file makes a temp folder
     gunicorn = runpy.run_path(str(REPO_ROOT / "serving" / "torch_server" / "gunicorn_conf.py"))
 
-    assert gunicorn["bind"] == [f"0.0.0.0:{server['ports'][0]['containerPort']}"]
+    # The image's command puts nginx on the container port and gunicorn on loopback behind it.
+    from serving.torch_server.front import DEFAULT_UPSTREAM_PORT, proxy_settings
+
+    assert gunicorn["bind"] == [f"0.0.0.0:{server['ports'][0]['containerPort']}"]  # what the front remaps
+    front = proxy_settings(DEFAULT_UPSTREAM_PORT)
+    assert (front.host, front.port) == ("0.0.0.0", server["ports"][0]["containerPort"])
+    assert front.upstream == f"127.0.0.1:{DEFAULT_UPSTREAM_PORT}"
     # Workers follow the pod's CPU limit, not the node's core count gunicorn would see.
     assert gunicorn["workers"] == int(mc.parse_quantity(server["resources"]["limits"]["cpu"]))
     pre_stop = server["lifecycle"]["preStop"]["sleep"]["seconds"]

@@ -5,7 +5,8 @@
 Clients reach nginx on ``MNIST_REST_HOST:MNIST_REST_PORT`` (0.0.0.0:8080), as they reached gunicorn
 before; gunicorn listens on ``127.0.0.1:MNIST_REST_UPSTREAM_PORT`` (8081) inside the container and
 sees only whole requests (serving/torch_server/proxy.py says why). HTTPS (``MNIST_REST_TLS_CERT`` /
-``MNIST_REST_TLS_KEY``) is served by nginx. Every MNIST_PROXY_* setting applies (docs/reliability.md).
+``MNIST_REST_TLS_KEY``) is served by nginx. The MNIST_PROXY_* deadlines and bounds apply
+(docs/reliability.md); where nginx listens and forwards comes from the MNIST_REST_* variables above.
 
 Stopping: SIGTERM or SIGINT stops nginx gracefully (SIGQUIT: requests in flight finish) and gunicorn
 gracefully (SIGTERM: its graceful_timeout). If either exits on its own, the other is stopped and this
@@ -32,7 +33,8 @@ GUNICORN_CONF = Path(__file__).resolve().parent / "gunicorn_conf.py"
 DEFAULT_UPSTREAM_PORT = 8081
 
 
-def _proxy_settings(upstream_port: int) -> ProxySettings:
+def proxy_settings(upstream_port: int) -> ProxySettings:
+    """nginx's settings in the container: MNIST_PROXY_* for deadlines and bounds, MNIST_REST_* for where."""
     base = ProxySettings.from_env()
     settings = ProxySettings(**{
         **base.__dict__,
@@ -50,7 +52,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         upstream_port = env_int("UPSTREAM_PORT", DEFAULT_UPSTREAM_PORT, minimum=1)
-        settings = _proxy_settings(upstream_port)
+        settings = proxy_settings(upstream_port)
         run_dir = Path(os.environ.get(ENV_PREFIX + "RUN_DIR") or tempfile.mkdtemp(prefix="mnist-rest-proxy-"))
         nginx_command = prepare(settings, run_dir.resolve())
     except ConfigError as exc:

@@ -206,9 +206,10 @@ def prepare(settings: ProxySettings, run_dir: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if argv if argv is not None else sys.argv[1:]:
-        print(__doc__, file=sys.stderr)
-        return 2
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args:  # everything comes from the environment
+        print(__doc__)
+        return 0 if args in (["-h"], ["--help"]) else 2
     try:
         settings = ProxySettings.from_env()
         run_dir = Path(os.environ.get(ENV_PREFIX + "RUN_DIR") or tempfile.mkdtemp(prefix="mnist-rest-proxy-"))
