@@ -102,8 +102,8 @@ def anchors_of(path: Path) -> set[str]:
 
 
 def test_github_anchor_follows_githubs_rules() -> None:
-    assert github_anchor("Training throughput (`bench.train_throughput`)") == "training-throughput-benchtrain_throughput"
-    assert github_anchor("Side-by-side comparison (make demo, bench.inprocess)") == "side-by-side-comparison-make-demo-benchinprocess"
+    assert github_anchor("Throughput (`bench.train_throughput`)") == "throughput-benchtrain_throughput"
+    assert github_anchor("Side-by-side (make demo, bench.inprocess)") == "side-by-side-make-demo-benchinprocess"
     assert github_anchor("`--quick`") == "--quick"
     assert github_anchor("The REST server's inference-optimised copy") == "the-rest-servers-inference-optimised-copy"
 
