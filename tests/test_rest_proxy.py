@@ -205,6 +205,17 @@ def test_past_the_connection_bound_idle_connections_make_room(start_proxy) -> No
             sock.close()
 
 
+@needs_nginx
+def test_an_upstream_that_does_not_answer_is_a_503_with_retry_after(start_proxy, upstream) -> None:
+    port = start_proxy()
+    upstream.close()  # gunicorn gone: nothing listens on the upstream port any more
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=SAFETY_S)
+    connection.request("GET", "/readyz")
+    answer = connection.getresponse()
+    assert (answer.status, answer.getheader("Retry-After")) == (503, "1")
+    assert "not answering" in json.loads(answer.read())["error"]
+
+
 def test_settings_from_the_environment_and_their_errors(tmp_path: Path) -> None:
     settings = ProxySettings.from_env({"MNIST_PROXY_PORT": "9000", "MNIST_PROXY_HEADER_TIMEOUT": "3",
                                        "MNIST_PROXY_UPSTREAM": "unix:/run/g.sock"})

@@ -150,7 +150,7 @@ http {{
         limit_conn_log_level warn;
         error_page 503 @busy;
         error_page 413 @too_large;
-        error_page 502 504 @unavailable;
+        error_page 502 504 =503 @unavailable;
         location / {{
             proxy_pass http://gunicorn;
             proxy_http_version 1.1;
