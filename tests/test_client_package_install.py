@@ -8,9 +8,13 @@ pip installs with the machine's own configuration, the one ``make setup`` uses (
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,3 +134,37 @@ def test_installed_loadtest_offline_says_how_to_point_at_local_files(venv_bin: P
     assert result.returncode == 3, result.stderr  # the run could not be used (docs/loadtest.md, exit codes)
     assert f"could not download {SPLITS['test'][0]} from any mirror" in result.stderr
     assert "--data-dir DIR" in result.stderr and "MNIST_DATA_DIR=DIR" in result.stderr
+
+
+def test_installed_loadtest_ctrl_c_reports_what_was_measured(
+    venv_bin: Path, stack: RunningStack, mnist_dir: Path, tmp_path: Path
+) -> None:
+    """The exit status that run --help documents for Ctrl-C: the measurement ends early, is reported, 130."""
+    process = subprocess.Popen(
+        [str(venv_bin / "mnist-loadtest"), "run", "--rest", stack.config.rest_url, "--duration", "240",
+         "--warmup", "2", "--distinct-images", "100", "--data-dir", str(mnist_dir)],
+        cwd=tmp_path, env=_clean_env(HOME=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        # Off a terminal the progress is a status line every 5 s: the first one means the measurement runs.
+        deadline = time.monotonic() + 120
+        while not any(re.match(r"\[1/1\] rest c=1: \d", line) for line in lines):
+            assert process.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "no progress line in 120 s:\n" + "".join(lines)
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)  # the table is small: stdout's pipe cannot fill up meanwhile
+        out = process.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    reader.join(timeout=10)
+    assert process.returncode == 130, "".join(lines)
+    assert any("interrupted: finishing the current measurement" in line for line in lines)
+    # The table of what was measured before Ctrl-C: target rest at concurrency 1, some requests, no errors.
+    assert re.search(r"^rest\s+1\s+[1-9]\d*\s+0\s", out, re.M), out
+

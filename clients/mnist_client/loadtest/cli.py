@@ -29,25 +29,84 @@ from mnist_client.loadtest.security import TOKEN_ENV, Security, resolve_token
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
+RUN_EPILOG = f"""\
+examples:
+  # both servers side by side, closed loop at 1 and 8 requests in flight, 10 s each
+  mnist-loadtest run --rest http://127.0.0.1:8080 --grpc 127.0.0.1:8500 --concurrency 1,8
+  # open loop at 100 and 200 requests/s for 30 s each; keep the result file for merge/compare
+  mnist-loadtest run --rest http://127.0.0.1:8080 --rate 100,200 --duration 30 --json result.json
+  # a gate for CI: exit status 1 if p99 exceeds 50 ms or served accuracy falls below 0.98
+  mnist-loadtest run --rest torch=http://127.0.0.1:8080 --requests 2000 --max-p99-ms 50 --min-accuracy 0.98
+  # MNIST from a local copy instead of the download cache
+  mnist-loadtest run --grpc 127.0.0.1:8500 --data-dir /data/mnist
+
+MNIST test images: --data-dir, else $MNIST_DATA_DIR, else downloaded once (MD5-checked) into
+$MNIST_CACHE_DIR/mnist (default ~/.cache/mnist-serving/mnist) from the public mirrors or $MNIST_MIRRORS.
+
+exit status:
+  {EXIT_OK}    the run finished and every threshold given passed
+  {EXIT_FAILED}    a threshold failed (the table and the output files are still written)
+  {EXIT_USAGE}    bad arguments or settings
+  {EXIT_ERROR}    the run could not be made: a target did not answer the pre-flight call, the MNIST files
+       are missing, corrupt or could not be downloaded, a worker process failed
+  {EXIT_INTERRUPTED}  interrupted: the first Ctrl-C ends the current measurement and reports what was measured
+       (status {EXIT_FAILED} instead if a threshold failed); a second one aborts at once
+"""
+MERGE_EPILOG = f"""\
+example:
+  mnist-loadtest merge results/ --json merged.json --html merged.html --max-p99-ms 50
+
+exit status: {EXIT_OK} merged (and every threshold given passed), {EXIT_FAILED} a threshold failed, {EXIT_USAGE} bad
+arguments, {EXIT_ERROR} a result file cannot be used (unreadable, not a result, incompatible with the others).
+"""
+COMPARE_EPILOG = f"""\
+example:
+  mnist-loadtest compare baseline.json candidate.json --max-p99-increase 10 --max-throughput-decrease 5
+
+exit status: {EXIT_OK} within every limit given, {EXIT_FAILED} a limit was passed, {EXIT_USAGE} bad arguments,
+{EXIT_ERROR} a result file cannot be used.
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends an option's default where it says something; for a flag, an empty list or None the help
+    text says itself what happens when the option is not given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default is argparse.SUPPRESS or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
 
 def _add_thresholds(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("thresholds (exit status 1 when any is passed)")
-    group.add_argument("--max-p50-ms", type=float, metavar="MS", help="fail if any p50 latency exceeds this")
-    group.add_argument("--max-p99-ms", type=float, metavar="MS", help="fail if any p99 latency exceeds this")
+    group.add_argument("--max-p50-ms", type=float, metavar="MS",
+                       help="fail if any p50 latency exceeds this (default: no limit)")
+    group.add_argument("--max-p99-ms", type=float, metavar="MS",
+                       help="fail if any p99 latency exceeds this (default: no limit)")
     group.add_argument("--max-error-rate", type=float, metavar="FRACTION",
-                       help="fail if any target's failed/completed requests exceeds this (0..1)")
+                       help="fail if any target's failed/completed requests exceeds this, 0..1 (default: no limit)")
     group.add_argument("--min-accuracy", type=float, metavar="FRACTION",
-                       help="fail if a target's served accuracy on the MNIST labels is below this (0..1)")
+                       help="fail if a target's served accuracy on the MNIST labels is below this, 0..1 "
+                            "(default: no limit)")
     group.add_argument("--min-agreement", type=float, metavar="FRACTION",
-                       help="fail if two targets classify the same images alike less often than this (0..1)")
-    group.add_argument("--min-throughput", type=float, metavar="RPS", help="fail if any throughput is below this")
+                       help="fail if two targets classify the same images alike less often than this, 0..1 "
+                            "(default: no limit)")
+    group.add_argument("--min-throughput", type=float, metavar="RPS",
+                       help="fail if any throughput is below this (default: no limit)")
 
 
 def _add_outputs(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("outputs (the table always goes to stdout)")
-    group.add_argument("--json", type=Path, metavar="FILE", help="write the result file (input of merge/compare)")
-    group.add_argument("--csv", type=Path, metavar="FILE", help="write one CSV row per target and sweep point")
-    group.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report with charts")
+    group.add_argument("--json", type=Path, metavar="FILE",
+                       help="write the result file, input of merge/compare (default: not written)")
+    group.add_argument("--csv", type=Path, metavar="FILE",
+                       help="write one CSV row per target and sweep point (default: not written)")
+    group.add_argument("--html", type=Path, metavar="FILE",
+                       help="write a self-contained HTML report with charts (default: not written)")
 
 
 def _add_security(parser: argparse.ArgumentParser) -> None:
@@ -57,12 +116,14 @@ def _add_security(parser: argparse.ArgumentParser) -> None:
                        help="CA bundle that verifies the servers' certificates (default: the system store)")
     group.add_argument("--insecure", action="store_true",
                        help="https without verifying the server (warns; testing only; not for gRPC)")
-    group.add_argument("--client-cert", type=Path, metavar="PEM", help="client certificate for mutual TLS")
-    group.add_argument("--client-key", type=Path, metavar="PEM", help="its private key")
+    group.add_argument("--client-cert", type=Path, metavar="PEM",
+                       help="client certificate for mutual TLS (default: none)")
+    group.add_argument("--client-key", type=Path, metavar="PEM", help="its private key (default: none)")
     group.add_argument("--token", metavar="TOKEN",
                        help=f"bearer token for every request (visible in the process list: prefer --token-file "
-                            f"or ${TOKEN_ENV})")
-    group.add_argument("--token-file", type=Path, metavar="FILE", help="read the bearer token from this file's first line")
+                            f"or ${TOKEN_ENV}; default: --token-file, else ${TOKEN_ENV}, else none)")
+    group.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="read the bearer token from this file's first line (default: none)")
 
 
 INSECURE_WARNING = (
@@ -85,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnist-loadtest",
         description="Load-test the MNIST REST and gRPC servers side by side.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="'mnist-loadtest COMMAND --help' lists a command's options, examples and exit status.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    # -v also after the subcommand; SUPPRESS keeps a -v given before it when none comes after.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress details to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{run,merge,compare}")
 
-    p = commands.add_parser("run", help="load one or more targets", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = commands.add_parser("run", help="load one or more targets", parents=[verbose], epilog=RUN_EPILOG,
+                            formatter_class=HelpFormatter)
     p.add_argument("--rest", action="append", default=[], metavar="[NAME=]URL",
                    help="REST target, e.g. http://127.0.0.1:8080 (repeatable; default name 'rest')")
     p.add_argument("--grpc", action="append", default=[], metavar="[NAME=]HOST:PORT",
@@ -98,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", default="1", metavar="N[,N...]",
                       help="closed loop: requests in flight; a list sweeps")
-    load.add_argument("--rate", metavar="R[,R...]", help="open loop: arrivals per second; a list sweeps")
-    p.add_argument("--max-in-flight", type=int, default=256, help="open loop: most outstanding requests")
+    load.add_argument("--rate", metavar="R[,R...]",
+                      help="open loop: arrivals per second; a list sweeps (default: closed loop, --concurrency)")
+    p.add_argument("--max-in-flight", type=int, default=256, metavar="N", help="open loop: most outstanding requests")
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--duration", type=float, metavar="SECONDS",
                         help="measure each target and sweep point this long (default 10 unless --requests)")
-    amount.add_argument("--requests", type=int, metavar="N", help="measure each target and sweep point N requests")
+    amount.add_argument("--requests", type=int, metavar="N",
+                        help="measure each target and sweep point N requests (default: by --duration)")
     p.add_argument("--warmup", type=int, default=20, metavar="N", help="unmeasured calls before each measurement")
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="measured rounds per target and sweep point, alternating between targets; the report "
@@ -111,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", action="append", default=[], metavar="NAME=PID",
                    help="process id of the server behind target NAME (repeatable, also for one NAME: a proxy and "
                         "its server): each round then tells the server's CPU (its processes and their children) "
-                        "from the load tester's and other processes', and flags CPU taken from it")
-    p.add_argument("--images-per-request", type=int, default=1, metavar="K")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per request")
+                        "from the load tester's and other processes', and flags CPU taken from it (default: none)")
+    p.add_argument("--images-per-request", type=int, default=1, metavar="K",
+                   help="MNIST images in each request, the batch the server sees, 1..10000")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request not answered in this time counts as a deadline_exceeded error")
     p.add_argument("--processes", type=int, metavar="N", help="worker processes (default: from load and CPUs)")
     p.add_argument("--rest-format", choices=("json", "npy"), default="json",
                    help="REST body: JSON instances, or .npy (PyTorch server only)")
@@ -121,30 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distinct-images", type=int, default=1000, metavar="N",
                    help="MNIST test images the payload cycles through (1..10000)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
-                   help="directory with the MNIST test files (default: $MNIST_DATA_DIR, then discovery)")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="tag copied into the report")
+                   help="directory with the gzipped MNIST test files (default: $MNIST_DATA_DIR, else a shared "
+                        "copy, else the download cache: see below)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="tag copied into the report, repeatable (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / status lines on stderr")
     _add_security(p)
     _add_outputs(p)
     _add_thresholds(p)
 
     m = commands.add_parser("merge", help="merge result files exactly (HDR histograms, not percentiles)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            parents=[verbose], epilog=MERGE_EPILOG, formatter_class=HelpFormatter)
     m.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="result files, or directories of *.json")
     _add_outputs(m)
     _add_thresholds(m)
 
     c = commands.add_parser("compare", help="compare a candidate result against a baseline",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("baseline", type=Path)
-    c.add_argument("candidate", type=Path)
-    c.add_argument("--max-p50-increase", type=float, metavar="PCT", help="fail if a p50 grew by more than PCT%%")
-    c.add_argument("--max-p99-increase", type=float, metavar="PCT", help="fail if a p99 grew by more than PCT%%")
+                            parents=[verbose], epilog=COMPARE_EPILOG, formatter_class=HelpFormatter)
+    c.add_argument("baseline", type=Path, help="result file of the reference run (mnist-loadtest run --json)")
+    c.add_argument("candidate", type=Path, help="result file of the run to judge against it")
+    c.add_argument("--max-p50-increase", type=float, metavar="PCT",
+                   help="fail if a p50 grew by more than PCT%% (default: no limit)")
+    c.add_argument("--max-p99-increase", type=float, metavar="PCT",
+                   help="fail if a p99 grew by more than PCT%% (default: no limit)")
     c.add_argument("--max-throughput-decrease", type=float, metavar="PCT",
-                   help="fail if a throughput fell by more than PCT%%")
+                   help="fail if a throughput fell by more than PCT%% (default: no limit)")
     c.add_argument("--max-error-rate-increase", type=float, metavar="FRACTION",
-                   help="fail if an error rate grew by more than this (absolute, 0..1)")
-    c.add_argument("--json", type=Path, metavar="FILE", help="write the comparison as JSON")
+                   help="fail if an error rate grew by more than this, absolute, 0..1 (default: no limit)")
+    c.add_argument("--json", type=Path, metavar="FILE", help="write the comparison as JSON (default: not written)")
     return parser
 
 
