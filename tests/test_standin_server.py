@@ -194,7 +194,9 @@ def test_the_call_deadline_is_respected(
 ) -> None:
     never = tmp_path / "never_batching.txt"  # a batch that would wait SAFETY_S for company
     never.write_text(f"max_batch_size {{ value: 64 }}\nbatch_timeout_micros {{ value: {SAFETY_S * 1_000_000} }}\n")
-    options = server_options(tf_model_copy, enable_batching=True, batching_parameters_file=str(never))
+    # No warm-up: its records would go through the same batch and wait as long.
+    options = server_options(tf_model_copy, enable_batching=True, batching_parameters_file=str(never),
+                             enable_model_warmup=False)
     with running(options) as server, stubs_for(server) as stubs:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
