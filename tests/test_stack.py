@@ -205,7 +205,7 @@ def test_serve_runs_until_sigterm(model_repo, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, output
-    assert "both servers stopped" in output
+    assert "both servers and the web page stopped" in output
     assert not _port_open(config.rest_port) and not _port_open(config.grpc_port)
 
 
