@@ -38,8 +38,8 @@ GUNICORN_CONF = REPO_ROOT / "serving" / "torch_server" / "gunicorn_conf.py"
 @dataclass
 class RunningStack:
     config: StackConfig
-    rest: ManagedProcess | ProxiedRestServer
-    grpc: ManagedProcess
+    rest: ProxiedRestServer
+    grpc: ProxiedRestServer
     web: ManagedProcess
 
 
@@ -54,9 +54,10 @@ def check_models(config: StackConfig) -> None:
 
 
 class ProxiedRestServer:
-    """gunicorn and the nginx in front of it, started, watched and stopped as one server.
+    """A server and the nginx in front of its HTTP port, started, watched and stopped as one server:
+    gunicorn for the PyTorch REST server, the stand-in for TF Serving's REST API.
 
-    It has ManagedProcess's interface; ``pid`` is gunicorn's master (whose workers answer).
+    It has ManagedProcess's interface; ``pid`` is the server's (gunicorn's master, whose workers answer).
     """
 
     def __init__(self, server: ManagedProcess, proxy: ManagedProcess) -> None:
@@ -71,7 +72,7 @@ class ProxiedRestServer:
 
     @property
     def pids(self) -> tuple[int, ...]:
-        """gunicorn's master and nginx's: together, with their children, the whole server."""
+        """The server's and nginx's: together, with their children, the whole server."""
         return self.server.pids + self.proxy.pids
 
     def start(self) -> None:
@@ -95,13 +96,17 @@ class ProxiedRestServer:
         return status if status not in (None, 0) else proxy_status
 
 
-def rest_process(config: StackConfig) -> ProxiedRestServer:
-    """gunicorn on a free loopback port, nginx on ``config.rest_port``; HTTPS (MNIST_REST_TLS_CERT and
-    MNIST_REST_TLS_KEY in the environment) is served by nginx."""
+def _require_nginx(what: str) -> None:
     try:
         find_nginx()
     except ConfigError as exc:
-        raise StackError(f"the PyTorch REST server runs behind nginx, but {exc}; `make setup` lists it") from None
+        raise StackError(f"{what} runs behind nginx, but {exc}; `make setup` lists it") from None
+
+
+def rest_process(config: StackConfig) -> ProxiedRestServer:
+    """gunicorn on a free loopback port, nginx on ``config.rest_port``; HTTPS (MNIST_REST_TLS_CERT and
+    MNIST_REST_TLS_KEY in the environment) is served by nginx."""
+    _require_nginx("the PyTorch REST server")
     upstream_port = free_port("127.0.0.1")
     argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.torch_server.app:create_app()"]
     env = {
@@ -113,30 +118,41 @@ def rest_process(config: StackConfig) -> ProxiedRestServer:
         "PYTHONPATH": str(REPO_ROOT),
     }
     server = ManagedProcess("PyTorch REST server", argv, config.log_dir / "rest-server.log", env)
-    proxy_env = {
+    tls = {"MNIST_PROXY_TLS_CERT": os.environ.get("MNIST_REST_TLS_CERT", ""),
+           "MNIST_PROXY_TLS_KEY": os.environ.get("MNIST_REST_TLS_KEY", "")}
+    return ProxiedRestServer(server, _nginx(config, "rest-proxy", config.rest_port, upstream_port, tls))
+
+
+def _nginx(config: StackConfig, name: str, port: int, upstream_port: int, extra: dict[str, str]) -> ManagedProcess:
+    """nginx (serving.torch_server.proxy) on ``config.host:port`` in front of ``127.0.0.1:upstream_port``."""
+    env = {
         "MNIST_PROXY_HOST": config.host,
-        "MNIST_PROXY_PORT": str(config.rest_port),
+        "MNIST_PROXY_PORT": str(port),
         "MNIST_PROXY_UPSTREAM": f"127.0.0.1:{upstream_port}",
-        "MNIST_PROXY_RUN_DIR": str(config.log_dir / "rest-proxy"),
-        "MNIST_PROXY_TLS_CERT": os.environ.get("MNIST_REST_TLS_CERT", ""),
-        "MNIST_PROXY_TLS_KEY": os.environ.get("MNIST_REST_TLS_KEY", ""),
+        "MNIST_PROXY_RUN_DIR": str(config.log_dir / name),
         "PYTHONPATH": str(REPO_ROOT),
+        **extra,
     }
-    proxy_argv = [sys.executable, "-m", "serving.torch_server.proxy"]
-    proxy = ManagedProcess("PyTorch REST server's nginx", proxy_argv, config.log_dir / "rest-proxy.log", proxy_env)
-    return ProxiedRestServer(server, proxy)
+    argv = [sys.executable, "-m", "serving.torch_server.proxy"]
+    return ManagedProcess(f"nginx ({name})", argv, config.log_dir / f"{name}.log", env)
 
 
-def grpc_process(config: StackConfig) -> ManagedProcess:
+def grpc_process(config: StackConfig) -> ProxiedRestServer:
+    """The TF Serving stand-in: gRPC on ``config.grpc_port``; its REST API on a free loopback port
+    behind nginx on ``config.tfs_rest_port``, so that slow HTTP clients cannot hold its request
+    threads (its gRPC side has its own deadlines and bounds: serving/tfs_standin/connection_limits.py)."""
+    _require_nginx("the TF Serving stand-in's REST API")
+    upstream_port = free_port("127.0.0.1")
     argv = [
         sys.executable, "-m", "serving.tfs_standin",
         f"--port={config.grpc_port}",
-        f"--rest_api_port={config.tfs_rest_port}",
+        f"--rest_api_port={upstream_port}",
         f"--model_name={contract.MODEL_NAME}",
         f"--model_base_path={config.tf_base_path}",
     ]  # fmt: skip
     env = {"PYTHONPATH": str(REPO_ROOT)}
-    return ManagedProcess("TF Serving gRPC stand-in", argv, config.log_dir / "tfs-standin.log", env)
+    server = ManagedProcess("TF Serving stand-in", argv, config.log_dir / "tfs-standin.log", env)
+    return ProxiedRestServer(server, _nginx(config, "tfs-rest-proxy", config.tfs_rest_port, upstream_port, {}))
 
 
 def web_process(config: StackConfig, tfs_rest_url: str | None = None) -> ManagedProcess:
@@ -181,14 +197,14 @@ def _grpc_ready(config: StackConfig) -> bool:
 
 
 @contextlib.contextmanager
-def running_server(config: StackConfig, which: Literal["torch", "tf"]) -> Iterator[ManagedProcess | ProxiedRestServer]:
+def running_server(config: StackConfig, which: Literal["torch", "tf"]) -> Iterator[ProxiedRestServer]:
     """One server of the stack alone, ready for the block and stopped after: the PyTorch REST server
     (``torch``) or the TF Serving stand-in with its gRPC and REST APIs (``tf``). Benchmarks use it to
     measure a server with nothing else of the stack running."""
     check_models(config)
     if which == "torch":
         ensure_port_free(config.host, config.rest_port, "PyTorch REST server")
-        server: ManagedProcess | ProxiedRestServer = rest_process(config)
+        server = rest_process(config)
         probes: tuple[Callable[[StackConfig], bool], ...] = (_rest_ready,)
     else:
         ensure_port_free(config.host, config.grpc_port, "TF Serving gRPC stand-in")

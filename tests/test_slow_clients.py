@@ -1,5 +1,6 @@
-"""Slow, stalled and idle clients must not delay anyone else: the stack as `make serve` starts it,
-and the PyTorch REST server as its container starts it (python -m serving.torch_server.front).
+"""Slow, stalled and idle clients must not delay anyone else: the stack as `make serve` starts it
+(the PyTorch REST server and the stand-in's REST API each behind nginx, the stand-in's gRPC with its
+own deadlines), and the PyTorch REST server as its container starts it (python -m serving.torch_server.front).
 
 72 slow clients per server (24 of each kind: see bench/slow_clients.py) hold connections while one
 other client times ordinary calls. Each test fails if any ordinary call fails, or if their p99
@@ -79,16 +80,14 @@ def test_slow_grpc_clients_do_not_delay_ordinary_calls(stack: RunningStack) -> N
     assert not problems, problems
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known: the stand-in's REST API (cheroot, serving/tfs_standin/rest.py) reads a request head in one of its "
-    "worker threads with no deadline on the whole head, so 72 slow clients hold every thread and ordinary "
-    "calls time out; the fix is a front that reads requests whole (nginx, as for the PyTorch server)"))
 def test_slow_http_clients_do_not_delay_the_standins_rest_api(stack: RunningStack) -> None:
+    """The stand-in's REST API is behind nginx too (its cheroot threads read a request head with no deadline)."""
     url = stack.config.tfs_rest_url
-    # Few calls: while the bug stands, each one waits for its timeout.
-    problems = check_server(lambda: rest_round(url, 3, HEALTH_PATHS["tfserving"]),
-                            lambda: slow_rest_clients(url, PER_KIND), rounds=1)
+    problems = check_server(lambda: rest_round(url, CALLS, HEALTH_PATHS["tfserving"]),
+                            lambda: slow_rest_clients(url, PER_KIND), rounds=2)
     assert not problems, problems
+
+
 def test_the_rest_container_command_holds_up_and_stops_cleanly(model_repo: Path, tmp_path: Path) -> None:
     port = free_port()
     env = {
