@@ -147,6 +147,7 @@ def grpc_process(config: StackConfig) -> ProxiedRestServer:
         sys.executable, "-m", "serving.tfs_standin",
         f"--port={config.grpc_port}",
         f"--rest_api_port={upstream_port}",
+        f"--standin_host={config.host}",  # MNIST_HOST, as for the other servers (127.0.0.1 by default)
         f"--model_name={contract.MODEL_NAME}",
         f"--model_base_path={config.tf_base_path}",
     ]  # fmt: skip

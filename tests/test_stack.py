@@ -241,7 +241,7 @@ def test_a_server_that_never_gets_ready_reports_its_log(model_repo, tmp_path):
     (broken / "tf" / "mnist" / "1" / "saved_model.pb").write_bytes(b"not a saved model")
     os.symlink(model_repo / "torch", broken / "torch")
     config = StackConfig(**{**_config(broken, tmp_path).__dict__, "ready_timeout_s": 60})
-    with pytest.raises(StackError, match=r"TF Serving gRPC stand-in .*(did not become ready|exited)") as info:
+    with pytest.raises(StackError, match=r"TF Serving stand-in .*(did not become ready|exited)") as info:
         with running_stack(config):
             pass
     assert "last lines of" in str(info.value)
