@@ -126,17 +126,20 @@ def test_contention_names_who_took_the_cpu():
     tester = {"capacity": 2, "machine": 1.95, "generator": 0.6, "server": 1.3, "other": 0.05}
     assert contention(tester) == "the load tester used 0.60 of 2 cores on a saturated machine"
     assert contention({"capacity": 2, "machine": None}) is None  # no /proc: nothing to say
+    stolen = {**quiet, "stolen": 0.3}
+    assert contention(stolen) == "the hypervisor gave 0.30 of 2 cores to other virtual machines"
     flagged = _measurement_with_rounds([1000.0], [1.0], cpu=neighbour)
     assert flagged.flags() == ["round 1: other processes used 0.70 of 2 cores"]
     assert "round 1: other processes used 0.70 of 2 cores" in format_table(Report(measurements=[flagged]))
 
 
 def test_usage_splits_the_machine_between_generator_server_and_the_rest():
-    before = CpuSnapshot(wall=10.0, machine=100.0, servers={"t": 5.0, "u": 1.0})
-    after = CpuSnapshot(wall=12.0, machine=103.0, servers={"t": 6.5, "u": 1.9})
+    before = CpuSnapshot(wall=10.0, machine=100.0, servers={"t": 5.0, "u": 1.0}, stolen=7.0)
+    after = CpuSnapshot(wall=12.0, machine=103.0, servers={"t": 6.5, "u": 1.9}, stolen=7.5)
     cpu = usage(before, after, "t", generator_cpu_s=0.6, capacity=2)
-    # machine 3 s over 2 s; server t 1.5 s; generator 0.6 s; the rest (server u's 0.9 s included) 0.9 s.
-    assert cpu == {"capacity": 2, "machine": 1.5, "generator": 0.3, "server": 0.75, "other": 0.45}
+    # machine 3 s over 2 s; server t 1.5 s; generator 0.6 s; the rest (server u's 0.9 s included) 0.9 s;
+    # 0.5 s stolen by the hypervisor.
+    assert cpu == {"capacity": 2, "machine": 1.5, "generator": 0.3, "server": 0.75, "other": 0.45, "stolen": 0.25}
     gone = CpuSnapshot(wall=12.0, machine=103.0, servers={"t": None})
     assert usage(before, gone, "t", 0.6, capacity=2)["server"] is None
 

@@ -7,7 +7,8 @@ records, in cores (CPU seconds per second of wall time):
 - ``machine``: every core's busy time (``/proc/stat``), the whole machine;
 - ``generator``: the load tester's own processes (passed in by the runner);
 - ``server``: the process tree of the server under test, where its process id is known;
-- ``other``: the rest, which includes other servers left running beside the one measured.
+- ``other``: the rest, which includes other servers left running beside the one measured;
+- ``stolen``: time the hypervisor gave this virtual machine's cores to other machines (steal time).
 
 A round is flagged when something besides the server took CPU that the server could have used.
 Linux only (``/proc``); elsewhere the machine figures are ``None`` and nothing is flagged.
@@ -34,16 +35,27 @@ SATURATED_SHARE = 0.90
 GENERATOR_SHARE_WARNING = 0.25
 
 
-def machine_busy_seconds() -> float | None:
-    """Busy CPU seconds of all cores since boot (everything but idle and iowait), or None off Linux."""
+def _machine_ticks() -> tuple[float, float] | None:
     try:
         first = (PROC / "stat").read_text().split("\n", 1)[0].split()
     except OSError:
         return None
     if not first or first[0] != "cpu":
         return None
-    ticks = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return (user + nice + system + irq + softirq) / _TICKS, steal / _TICKS
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores spent running something since boot (not idle, iowait or stolen), or None off Linux."""
+    ticks = _machine_ticks()
+    return None if ticks is None else ticks[0]
+
+
+def machine_stolen_seconds() -> float | None:
+    """CPU seconds the hypervisor ran other virtual machines on this one's cores since boot, or None off Linux."""
+    ticks = _machine_ticks()
+    return None if ticks is None else ticks[1]
 
 
 def _children() -> dict[int, list[int]]:
@@ -95,13 +107,16 @@ class CpuSnapshot:
     wall: float
     machine: float | None
     servers: dict[str, float | None]
+    stolen: float | None = None
 
 
 def snapshot(server_pids: Mapping[str, int | Sequence[int]]) -> CpuSnapshot:
+    ticks = _machine_ticks()
     return CpuSnapshot(
         wall=time.monotonic(),
-        machine=machine_busy_seconds(),
+        machine=None if ticks is None else ticks[0],
         servers={name: process_tree_cpu_seconds(pid) for name, pid in server_pids.items()},
+        stolen=None if ticks is None else ticks[1],
     )
 
 
@@ -120,12 +135,14 @@ def usage(
     server = None if start is None or end is None else end - start
     # Other servers left running beside this one count as "other": they are not the server under test.
     other = None if machine is None else machine - generator_cpu_s - (server or 0.0)
+    stolen = None if before.stolen is None or after.stolen is None else after.stolen - before.stolen
     return {
         "capacity": capacity,
         "machine": cores(machine),
         "generator": cores(generator_cpu_s),
         "server": cores(server),
         "other": cores(other),
+        "stolen": cores(stolen),
     }
 
 
@@ -137,6 +154,9 @@ def contention(cpu: Mapping[str, float | int | None]) -> str | None:
     problems = []
     if other is not None and other >= OTHER_SHARE_WARNING * capacity:
         problems.append(f"other processes used {other:.2f} of {capacity} cores")
+    stolen = cpu.get("stolen")
+    if stolen is not None and stolen >= OTHER_SHARE_WARNING * capacity:
+        problems.append(f"the hypervisor gave {stolen:.2f} of {capacity} cores to other virtual machines")
     if machine >= SATURATED_SHARE * capacity and generator is not None and generator >= GENERATOR_SHARE_WARNING * capacity:
         problems.append(f"the load tester used {generator:.2f} of {capacity} cores on a saturated machine")
     return "; ".join(problems) or None
