@@ -2,9 +2,10 @@
 
 ``make demo`` loads three targets while the whole local stack runs (both servers and the web page).
 This benchmark starts one server at a time through the same launcher (``stack.servers.running_server``),
-loads its targets with the same load-test settings as the demo (closed loop, the same sweep, rounds
-and duration), and stops it before the next one starts: the figures of each server with nothing
-else of the stack beside it. Given a demo report (``--demo-report reports/demo.json``), it prints
+loads its targets with the same load-test settings as the demo (closed loop, the same sweep and
+duration), and stops it before the next one starts: the figures of each server with nothing else of
+the stack beside it. The rounds alternate between the servers (PyTorch, TensorFlow, PyTorch, ...,
+each started afresh for its round), so a drift of the machine falls on both alike. Given a demo report (``--demo-report reports/demo.json``), it prints
 the demo's medians over these, point by point, so a reader sees whether the demo measured the
 servers or something besides them::
 
@@ -22,7 +23,7 @@ from typing import Any
 
 from bench.results import write_result
 from mnist_client.cpus import usable_cpus
-from mnist_client.loadtest import LoadTestConfig, load_report, run
+from mnist_client.loadtest import LoadTestConfig, load_report, merge_reports, run
 from mnist_client.loadtest.report import Report
 from stack.comparison import serving_targets
 from stack.config import REPO_ROOT, StackConfig
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="closed-loop sweep (the demo's by default)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per round (the demo's by default)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="rounds per target and point")
+    parser.add_argument("--warmup", type=positive_int, default=200,
+                        help="unmeasured calls before each point (every round starts its server afresh)")
     parser.add_argument("--demo-report", type=Path, default=None,
                         help="a make demo result file (reports/demo.json) to set these figures beside")
     return parser
@@ -102,21 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    base = StackConfig.from_env()
-    config = replace(base, models_dir=args.models_dir.resolve(), rest_port=free_port(), grpc_port=free_port(),
-                     tfs_rest_port=free_port(), log_dir=args.output_dir / "serving_alone_logs")
-    torch_rest, tf_rest, tf_grpc = serving_targets(config.rest_url, config.tfs_rest_url, config.grpc_target, TF_SERVER)
-    settings = dict(concurrency=tuple(args.concurrency), duration_s=args.duration, repeats=args.repeats,
+    base = replace(StackConfig.from_env(), models_dir=args.models_dir.resolve(),
+                   log_dir=args.output_dir / "serving_alone_logs")
+    # Each round starts its server and the load tester's workers afresh (the demo's run once, and only
+    # its first round is that cold), so each point gets a longer unmeasured warm-up than the demo's 20.
+    settings = dict(concurrency=tuple(args.concurrency), duration_s=args.duration, warmup_requests=args.warmup,
                     labels={"source": "bench.serving_alone"})
-    alone: dict[str, Any] = {}
-    for which, targets in (("torch", (torch_rest,)), ("tf", (tf_rest, tf_grpc))):
-        with running_server(config, which) as server:  # type: ignore[arg-type]
-            report = run(LoadTestConfig(targets=targets, **settings),
-                         server_pids={t.name: server.pids for t in targets})
-        alone.update(_figures(report))
+    rounds: list[Report] = []
+    for _ in range(args.repeats):
+        # Fresh ports each round: a port just closed may linger in TIME_WAIT.
+        config = replace(base, rest_port=free_port(), grpc_port=free_port(), tfs_rest_port=free_port())
+        torch_rest, tf_rest, tf_grpc = serving_targets(config.rest_url, config.tfs_rest_url, config.grpc_target,
+                                                       TF_SERVER)
+        for which, targets in (("torch", (torch_rest,)), ("tf", (tf_rest, tf_grpc))):
+            with running_server(config, which) as server:  # type: ignore[arg-type]
+                rounds.append(run(LoadTestConfig(targets=targets, **settings),
+                                  server_pids={t.name: server.pids for t in targets}))
+    alone = _figures(merge_reports(rounds))
     result: dict[str, Any] = {
         "benchmark": NAME,
-        "settings": {**settings, "concurrency": list(args.concurrency), "mode": "closed"},
+        "settings": {**settings, "concurrency": list(args.concurrency), "repeats": args.repeats, "mode": "closed"},
         "cpus": usable_cpus(),
         "platform": platform.platform(),
         "alone": alone,
