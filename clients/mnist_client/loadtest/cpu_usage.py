@@ -152,7 +152,8 @@ def contention(cpu: Mapping[str, float | int | None]) -> str | None:
     if not capacity or machine is None:
         return None
     problems = []
-    if other is not None and other >= OTHER_SHARE_WARNING * capacity:
+    # Without the server's pids its own CPU is in "other": nothing can be said about other processes then.
+    if cpu.get("server") is not None and other is not None and other >= OTHER_SHARE_WARNING * capacity:
         problems.append(f"other processes used {other:.2f} of {capacity} cores")
     stolen = cpu.get("stolen")
     if stolen is not None and stolen >= OTHER_SHARE_WARNING * capacity:
