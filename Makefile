@@ -21,8 +21,15 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup train train-torch train-tf test pytest bench demo serve protos clean tensorboard compose-test
 
+# nginx fronts both REST servers in make serve and make demo: installed here where we may (root with
+# apt-get), named otherwise (its tests skip without it).
 setup: $(STAMP)
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || echo "setup: nginx is missing: make serve and make demo run it in front of the PyTorch REST server, and its tests skip without it; install it with: apt-get install -y nginx (.ci/run does)"
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "setup: installing nginx (apt-get)" && apt-get update -qq && apt-get install -y -qq nginx >/dev/null; \
+	  else \
+	    echo "setup: nginx is missing: make serve and make demo run it in front of the REST servers; install it (apt-get install -y nginx)"; \
+	  fi
 
 $(STAMP): requirements/main.txt requirements/constraints.txt requirements/no-deps.txt clients/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
