@@ -326,6 +326,23 @@ def test_loadtest_runs_under_its_profile_after_both_servers_are_healthy(gpu_conf
     assert reports and Path(reports[0]["source"]) == REPO / "reports"
 
 
+def test_services_built_from_a_file_with_several_images_name_their_stage(gpu_config: dict) -> None:
+    """docker/loadtest.Dockerfile builds the load tester and the web page: without a target a service
+    gets the file's last stage (the load tester once got the web image and `run` failed with exit 127)."""
+    for name, service in gpu_config["services"].items():
+        build = service.get("build")
+        if not build:
+            continue
+        dockerfile = Path(build["context"]) / build["dockerfile"]
+        all_stages = stages(dockerfile)
+        leaves = set(all_stages) - {stage.base for stage in all_stages.values()}
+        if len(leaves) > 1:
+            assert build.get("target") in leaves, f"{name}: {dockerfile.name} builds {sorted(leaves)}; name one"
+    loadtest = stages(REPO / "docker" / "loadtest.Dockerfile")[gpu_config["services"]["loadtest"]["build"]["target"]]
+    entrypoints = [i.arguments for i in loadtest.instructions if i.keyword == "ENTRYPOINT"]
+    assert entrypoints and "loadtest-entrypoint" in entrypoints[-1]
+
+
 def test_servers_run_hardened(gpu_config: dict) -> None:
     for name in SERVER_SERVICES:
         service = gpu_config["services"][name]
