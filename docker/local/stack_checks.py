@@ -137,8 +137,8 @@ def call_servers(
     answers: list[ServerAnswer] = []
     problems: list[str] = []
     clients = (
-        ("pytorch-rest", rest_url, RestClient(rest_url)),
-        ("tfserving-grpc", grpc_target, GrpcClient(grpc_target)),
+        ("torch-rest", rest_url, RestClient(rest_url)),
+        ("tf-standin-grpc", grpc_target, GrpcClient(grpc_target)),  # the local build runs the stand-in
     )
     for name, address, client in clients:
         with client:
@@ -179,9 +179,9 @@ def slow_clients(rest_url: str, grpc_target: str) -> dict[str, list[str]]:
     from bench.slow_clients import check_server, grpc_round, rest_round, slow_grpc_clients, slow_rest_clients
 
     problems = {
-        "pytorch-rest": check_server(lambda: rest_round(rest_url, SLOW_CLIENT_CALLS),
+        "torch-rest": check_server(lambda: rest_round(rest_url, SLOW_CLIENT_CALLS),
                                      lambda: slow_rest_clients(rest_url, SLOW_CLIENTS_PER_KIND)),
-        "tfserving-grpc": check_server(lambda: grpc_round(grpc_target, SLOW_CLIENT_CALLS),
+        "tf-standin-grpc": check_server(lambda: grpc_round(grpc_target, SLOW_CLIENT_CALLS),
                                        lambda: slow_grpc_clients(grpc_target, SLOW_CLIENTS_PER_KIND)),
     }
     found = [f"{server}: {problem}" for server, listed in problems.items() for problem in listed]
