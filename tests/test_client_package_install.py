@@ -24,8 +24,8 @@ from conftest import free_port
 from mnist_client.loadtest import load_report
 from mnist_client.mnist_data import SPLITS
 from mnist_mirror import serve_mirror
-from stack.config import StackConfig
 from stack.servers import RunningStack, running_stack
+from tests.local_stack import free_port_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 30
@@ -79,11 +79,7 @@ def test_loadtest_help_works_from_the_installed_package(venv_bin: Path, tmp_path
 def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """Both servers of the local stack on free ports, serving the quick-trained fixture models."""
     folder = tmp_path_factory.mktemp("stack")
-    config = StackConfig(
-        host="127.0.0.1", rest_port=free_port(), grpc_port=free_port(), models_dir=model_repo,
-        log_dir=folder / "logs", report_dir=folder / "reports", ready_timeout_s=180,
-        tfs_rest_port=free_port(), web_port=free_port(),
-    )  # fmt: skip
+    config = free_port_config(model_repo, folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MNIST_REST_WORKERS", "1")
         with running_stack(config) as running:

@@ -26,9 +26,8 @@ from serving.tfs_standin.flags import ServerOptions
 from serving.tfs_standin.server import ModelServer
 from serving.torch_server.config import ConfigError as ServerConfigError
 from serving.torch_server.proxy import find_nginx
-from stack.config import StackConfig
-from stack.processes import free_port
 from stack.servers import rest_process
+from tests.local_stack import free_port_config
 from test_client_tls import certs  # noqa: F401 - the fixture
 
 TOKEN = "s3cret-t0ken"
@@ -99,8 +98,7 @@ def https_rest_url(model_repo: Path, certs: dict[str, Path], tmp_path_factory: p
     if missing:
         pytest.skip(missing)
     folder = tmp_path_factory.mktemp("tls-stack")
-    config = StackConfig(host="127.0.0.1", rest_port=free_port(), grpc_port=free_port(), models_dir=model_repo,
-                         log_dir=folder / "logs", report_dir=folder / "reports", ready_timeout_s=180)
+    config = free_port_config(model_repo, folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MNIST_REST_TLS_CERT", str(certs["server.pem"]))
         patch.setenv("MNIST_REST_TLS_KEY", str(certs["server.key"]))

@@ -24,9 +24,10 @@ from mnist_client import contract
 from mnist_client.rest import RestClient
 from serving.torch_server.config import ConfigError
 from serving.torch_server.proxy import find_nginx
-from stack.config import REPO_ROOT, StackConfig
+from stack.config import REPO_ROOT
 from stack.processes import ManagedProcess, free_port
 from stack.servers import RunningStack, running_stack
+from tests.local_stack import free_port_config
 
 try:
     find_nginx()
@@ -42,12 +43,7 @@ CALLS = 40  # ordinary calls of each kind per round
 @pytest.fixture(scope="module")
 def stack(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     folder = tmp_path_factory.mktemp("slow-clients-stack")
-    config = StackConfig(
-        host="127.0.0.1", rest_port=free_port(), grpc_port=free_port(), models_dir=model_repo,
-        log_dir=folder / "logs", report_dir=folder / "reports", ready_timeout_s=180,
-        # Every other port the stack opens (the stand-in's REST API, the web page) on a free one too.
-        **{name: free_port() for name in ("tfs_rest_port", "web_port") if name in StackConfig.__dataclass_fields__},
-    )  # fmt: skip
+    config = free_port_config(model_repo, folder)
     with running_stack(config) as running:
         yield running
 

@@ -25,20 +25,11 @@ from stack.config import REPO_ROOT, StackConfig
 from stack.demo import train_missing
 from stack.processes import StackError, ensure_port_free, stop_process
 from stack.servers import running_stack
+from tests.local_stack import free_port_config
 
 
 def _config(models: Path, tmp_path: Path) -> StackConfig:
-    return StackConfig(
-        host="127.0.0.1",
-        rest_port=free_port(),
-        grpc_port=free_port(),
-        models_dir=models,
-        log_dir=tmp_path / "logs",
-        report_dir=tmp_path / "reports",
-        ready_timeout_s=180,
-        web_port=free_port(),
-        tfs_rest_port=free_port(),
-    )
+    return free_port_config(models, tmp_path)
 
 
 def _env(config: StackConfig) -> dict[str, str]:

@@ -22,8 +22,8 @@ from conftest import free_port
 from mnist_client import contract
 from mnist_client.loadtest.cli import main as loadtest_main
 from serving.web.app import create_app
-from stack.config import StackConfig
 from stack.servers import running_stack
+from tests.local_stack import free_port_config
 from web_browser import DESKTOP, PHONE, require_chromium, start_chromium
 
 pytestmark = pytest.mark.slow
@@ -35,17 +35,7 @@ WAIT_S = 60  # generous deadline for the page to show an answer on a busy machin
 @pytest.fixture(scope="module")
 def stack(model_repo, tmp_path_factory):
     root = tmp_path_factory.mktemp("web-stack")
-    config = StackConfig(
-        host="127.0.0.1",
-        rest_port=free_port(),
-        grpc_port=free_port(),
-        tfs_rest_port=free_port(),
-        models_dir=model_repo,
-        log_dir=root / "logs",
-        report_dir=root / "reports",
-        ready_timeout_s=180,
-        web_port=free_port(),
-    )
+    config = free_port_config(model_repo, root)
     with running_stack(config) as running:
         yield running
 
