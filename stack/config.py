@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_client import contract
+from stack.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +76,20 @@ class StackConfig:
             tfs_rest_port=_int_env("MNIST_TFS_REST_PORT", contract.TFS_REST_PORT),
             web_port=_int_env("MNIST_WEB_PORT", contract.WEB_PORT),
         )
+
+
+def free_port_config(models_dir: Path, folder: Path, ready_timeout_s: float = 180) -> StackConfig:
+    """``make serve``'s settings on 127.0.0.1 with every port a free one, logs and reports under ``folder``:
+    for tests and benchmarks that run beside each other and beside a real stack. Set ``tfs_rest_port=0``
+    (``dataclasses.replace``) for a stand-in with no REST API."""
+    return StackConfig(
+        host="127.0.0.1",
+        rest_port=free_port(),
+        grpc_port=free_port(),
+        tfs_rest_port=free_port(),
+        web_port=free_port(),
+        models_dir=models_dir,
+        log_dir=folder / "logs",
+        report_dir=folder / "reports",
+        ready_timeout_s=ready_timeout_s,
+    )

@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,15 @@ def tail(path: Path, lines: int = 30) -> str:
 class ManagedProcess:
     """One server process with its log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str | None] | None = None
+    ) -> None:
+        """``env`` is added to this process's environment; a ``None`` value removes that variable."""
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
-        self.env = {**os.environ, **(env or {})}
+        merged: dict[str, str | None] = {**os.environ, **(env or {})}
+        self.env = {key: value for key, value in merged.items() if value is not None}
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -83,6 +87,19 @@ class ManagedProcess:
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process itself (not its group): gunicorn's master, say, which then stops its workers."""
+        if self._proc is None:
+            raise StackError(f"{self.name} was never started")
+        self._proc.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for the process to exit and return its status (subprocess.TimeoutExpired
+        if it is still running then)."""
+        if self._proc is None:
+            raise StackError(f"{self.name} was never started")
+        return self._proc.wait(timeout_s)
 
     def wait_ready(self, probe: Callable[[], bool], timeout_s: float) -> float:
         """Poll ``probe`` until it returns True; return the seconds it took."""
