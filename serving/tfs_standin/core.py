@@ -15,12 +15,14 @@ from pathlib import Path
 
 from tensorflow_serving.apis import model_pb2
 
+from mnist_client.cpus import usable_cpus
 from serving.tfs_standin import status
 from serving.tfs_standin.batching import BatchScheduler
 from serving.tfs_standin.config import BatchingOptions, ModelConfig, load_session_config
 from serving.tfs_standin.flags import ServerOptions
 from serving.tfs_standin.model_manager import LoadPolicy, ModelManager
 from serving.tfs_standin.predict import DirectRunner, Runner
+from serving.tfs_standin.run_slots import RunSlots
 from serving.tfs_standin.servable import Servable, SessionOptions
 from serving.tfs_standin.warmup import replay_warmup
 
@@ -41,6 +43,13 @@ def session_options(options: ServerOptions) -> SessionOptions:
     )
 
 
+def model_run_slots(options: ServerOptions) -> RunSlots | None:
+    """--standin_model_run_slots: 0 is one slot per usable core, -1 no limit (None)."""
+    if options.standin_model_run_slots < 0:
+        return None
+    return RunSlots(options.standin_model_run_slots or usable_cpus())
+
+
 class ServerCore:
     def __init__(
         self,
@@ -52,7 +61,9 @@ class ServerCore:
         self.options = options
         self.session_options = session_options(options)
         self.batch_scheduler = BatchScheduler(batching) if batching is not None else None
-        self.runner: Runner = self.batch_scheduler if self.batch_scheduler is not None else DirectRunner()
+        self.runner: Runner = (
+            self.batch_scheduler if self.batch_scheduler is not None else DirectRunner(model_run_slots(options))
+        )
         self.load_policy = LoadPolicy(
             poll_seconds=options.file_system_poll_wait_seconds,
             max_retries=options.max_num_load_retries,

@@ -21,6 +21,7 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from serving.tfs_standin import status
+from serving.tfs_standin.run_slots import RunSlots
 from serving.tfs_standin.servable import Servable, Signature, TensorSpec
 
 DEFAULT_SIGNATURE_KEY = "serving_default"
@@ -74,7 +75,15 @@ def timeout_ms(deadline: float | None, what: str) -> int | None:
 
 
 class DirectRunner:
-    """One session run per request (server-side batching off)."""
+    """One session run per request (server-side batching off).
+
+    With ``slots``, at most that many runs go into TensorFlow at once and the others wait their
+    turn in arrival order (run_slots.py: why); a call whose deadline passes while it waits gets
+    DEADLINE_EXCEEDED. Without, every caller's thread runs at once.
+    """
+
+    def __init__(self, slots: RunSlots | None = None) -> None:
+        self.slots = slots
 
     def run(
         self,
@@ -84,7 +93,14 @@ class DirectRunner:
         fetch: tuple[str, ...],
         deadline: float | None,
     ) -> list[np.ndarray]:
-        return servable.run(signature, inputs, fetch, timeout_ms(deadline, "the model ran"))
+        if self.slots is None:
+            return servable.run(signature, inputs, fetch, timeout_ms(deadline, "the model ran"))
+        if not self.slots.acquire(deadline):
+            raise status.deadline_exceeded("the call's deadline passed while it waited for its turn to run the model")
+        try:
+            return servable.run(signature, inputs, fetch, timeout_ms(deadline, "the model ran"))
+        finally:
+            self.slots.release()
 
 
 def _shape_text(dims: Sequence[int]) -> str:

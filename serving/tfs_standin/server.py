@@ -38,6 +38,7 @@ from serving.tfs_standin.flags import (
     ServerOptions,
     parse_channel_arguments,
 )
+from serving.tfs_standin.predict import DirectRunner
 from serving.tfs_standin.rest import RestApi, RestServer, default_rest_threads
 from serving.tfs_standin.services import ModelService, PredictionService
 
@@ -135,10 +136,18 @@ class ModelServer:
         log.info("TF Serving stand-in listening on %s:%d%s (gRPC%s, %d handler threads, batching %s)%s",
                  options.standin_host, self._port,
                  f" and unix:{options.grpc_socket_path}" if options.grpc_socket_path else "",
-                 " over TLS" if self._tls else "", threads, "on" if options.enable_batching else "off",
+                 " over TLS" if self._tls else "", threads, self._batching_text(),
                  f"; REST API on {options.standin_host}:{self.rest_port} ({self._rest.threads} threads)"
                  if self._rest is not None else "")
         return self._port
+
+    def _batching_text(self) -> str:
+        runner = self.core.runner
+        if not isinstance(runner, DirectRunner):
+            return "on"
+        if runner.slots is None:
+            return "off, every handler thread runs the model at once"
+        return f"off, {runner.slots.slots} model runs at once, the others in arrival order"
 
     def _start_rest(self) -> None:
         options = self.options
