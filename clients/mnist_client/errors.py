@@ -22,9 +22,9 @@ Every instance carries:
 ``UnavailableError.request_sent`` is ``False`` only when the request provably never left the client
 (connection refused, DNS failure, no connected backend); only those are safe to retry for a predict.
 
-Transport exceptions are translated in exactly one place per transport: ``rest._translate_transport_error``
-/ ``rest.error_from_response`` for urllib3 and HTTP statuses, ``grpc_client.translate_rpc_error`` for
-``grpc.RpcError``.
+Transport exceptions are translated in exactly one place per transport: ``mnist_client._http`` for the
+REST transport's socket and TLS errors, ``rest.error_from_response`` for HTTP statuses,
+``grpc_client.translate_rpc_error`` for ``grpc.RpcError``.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ about 10 times smaller than JSON and far cheaper to encode and decode. ``GET /v1
 and ``.../metadata``. Readiness: ``GET /readyz`` where the server has it (PyTorch server), else the model
 status (TF Serving).
 
-Connections are pooled and kept alive (urllib3), every call has a timeout, and all transport errors are
-translated into :mod:`mnist_client.errors` in :func:`_translate_transport_error` and
-:func:`error_from_response`. A client is thread-safe; share one per process.
+Connections are pooled and kept alive (:mod:`mnist_client._http`, a lean HTTP/1.1 transport: a general
+HTTP library cost more per single-image call than the server's own work), every call has a timeout,
+transport errors are raised as :mod:`mnist_client.errors` by the transport and HTTP error statuses are
+translated in :func:`error_from_response`. JSON is encoded and decoded with orjson. A client is
+thread-safe; share one per process.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import io
 import json
 import logging
 import os
+import re
+import ssl
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import urllib3
-import urllib3.exceptions
+import orjson
 
 from mnist_client import contract
+from mnist_client._http import HttpTransport
 from mnist_client._checks import check_model, positive_int, positive_seconds
 from mnist_client._client_base import ClientBase
 from mnist_client.errors import (
@@ -37,7 +42,7 @@ from mnist_client.errors import (
     UnavailableError,
     code_for_http_status,
 )
-from mnist_client.inputs import to_model_input, validate_images
+from mnist_client.inputs import validate_images
 from mnist_client.prediction import ModelMetadata, ModelVersionStatus, Prediction, TensorSpec
 from mnist_client.retry import RetryPolicy, call_with_retries, is_retryable_predict, is_retryable_probe
 
@@ -48,6 +53,7 @@ NPY_CONTENT_TYPE = "application/x-npy"
 DEFAULT_TIMEOUT = 10.0  # seconds, per call (retries included)
 DEFAULT_BINARY_THRESHOLD = 16  # images; from this batch size up, "auto" sends .npy where the server takes it
 _MAX_ERROR_TEXT = 500  # characters of a non-JSON error body kept in the exception
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
 BinaryMode = Literal["auto"] | bool
 
@@ -77,7 +83,7 @@ class RestClient(ClientBase):
         token: bearer token sent as ``Authorization: Bearer <token>``.
         ca_file: CA bundle to verify an ``https`` server (default: the system store).
         client_cert, client_key: PEM files for mutual TLS.
-        insecure: ``https`` without verifying the server's certificate (testing only; urllib3 warns).
+        insecure: ``https`` without verifying the server's certificate (testing only; warns).
         pool_maxsize: kept-alive connections per client (match the number of threads sharing it).
         retry: backoff policy for the retries in :mod:`mnist_client.retry`.
         headers: extra headers sent with every request.
@@ -113,6 +119,7 @@ class RestClient(ClientBase):
         check_model(model_name, model_version)
         if token is not None and (not isinstance(token, str) or not token or any(c in token for c in "\r\n")):
             raise ClientConfigError("token is empty or not a single-line string; expected the bearer token")
+        _check_headers(headers)
 
         scheme, host, port, prefix = _parse_base_url(base_url)
         self.base_url = f"{scheme}://{_bracket(host)}:{port}{prefix}"
@@ -132,15 +139,7 @@ class RestClient(ClientBase):
         default_headers.update(headers or {})
         if token is not None:
             default_headers["Authorization"] = f"Bearer {token}"
-        pool_args: dict[str, Any] = dict(
-            host=host,
-            port=port,
-            maxsize=pool_maxsize,
-            block=False,
-            headers=default_headers,
-            retries=False,
-            timeout=urllib3.Timeout(connect=connect, read=self._timeout),
-        )
+        context: ssl.SSLContext | None = None
         if scheme == "https":
             for name, path in (("ca_file", ca_file), ("client_cert", client_cert), ("client_key", client_key)):
                 if path is not None and not os.path.isfile(path):
@@ -149,20 +148,14 @@ class RestClient(ClientBase):
                 raise ClientConfigError("client_key was given without client_cert; expected both for mutual TLS")
             if insecure and ca_file is not None:
                 raise ClientConfigError("insecure skips verifying the server, so ca_file would be ignored; give one")
-            self._pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-                cert_reqs="CERT_NONE" if insecure else "CERT_REQUIRED",
-                assert_hostname=False if insecure else None,
-                ca_certs=None if ca_file is None else os.fspath(ca_file),
-                cert_file=None if client_cert is None else os.fspath(client_cert),
-                key_file=None if client_key is None else os.fspath(client_key),
-                **pool_args,
+            context = _tls_context(ca_file, client_cert, client_key, insecure)
+        elif ca_file is not None or client_cert is not None or client_key is not None:
+            raise ClientConfigError(
+                f"TLS files were given but base_url {base_url!r} is http; expected an https:// URL"
             )
-        else:
-            if ca_file is not None or client_cert is not None or client_key is not None:
-                raise ClientConfigError(
-                    f"TLS files were given but base_url {base_url!r} is http; expected an https:// URL"
-                )
-            self._pool = urllib3.HTTPConnectionPool(**pool_args)
+        self._transport = HttpTransport(
+            host, port, default_headers=default_headers, maxsize=pool_maxsize, ssl_context=context
+        )
 
     # -- predict -----------------------------------------------------------------------------------
 
@@ -178,7 +171,7 @@ class RestClient(ClientBase):
         if use_npy:
             body, content_type = _encode_npy(array), NPY_CONTENT_TYPE
         else:
-            body, content_type = _encode_json(to_model_input(array)), JSON_CONTENT_TYPE
+            body, content_type = _encode_json(array), JSON_CONTENT_TYPE
         return PreparedPredict(f"{self._model_path}:predict", body, content_type, int(array.shape[0]))
 
     def predict(self, images: Any, *, timeout: float | None = None) -> Prediction:
@@ -188,7 +181,7 @@ class RestClient(ClientBase):
         request provably never reached the server (see :mod:`mnist_client.retry`).
         """
         prepared = images if isinstance(images, PreparedPredict) else self.prepare(images)
-        headers = {"Content-Type": prepared.content_type}
+        headers = _CONTENT_TYPE_HEADERS[prepared.content_type]
 
         def attempt(remaining: float) -> Prediction:
             _, response_headers, data = self._request("POST", prepared.path, remaining, prepared.body, headers)
@@ -228,7 +221,7 @@ class RestClient(ClientBase):
     # -- lifecycle (close, with, wait_until_ready: ClientBase) ---------------------------------------
 
     def _release(self) -> None:
-        self._pool.close()
+        self._transport.close()
 
     def __repr__(self) -> str:
         return f"RestClient({self.base_url!r}, model={self.model_name!r}, binary={self._binary!r})"
@@ -283,43 +276,65 @@ class RestClient(ClientBase):
         """One HTTP exchange; returns (status, headers, body) for 2xx and ``ok_statuses``, else raises."""
         if self._closed:
             raise ClientConfigError(f"{self!r} is closed; expected a call before close()")
-        request_headers = dict(self._pool.headers)
-        if headers:
-            request_headers.update(headers)
-        try:
-            response = self._pool.urlopen(
-                method,
-                path,
-                body=body,
-                headers=request_headers,
-                retries=False,
-                redirect=False,
-                timeout=urllib3.Timeout(connect=min(self._connect_timeout, timeout), read=timeout),
-                preload_content=True,
-            )
-        except urllib3.exceptions.HTTPError as error:
-            raise _translate_transport_error(error, f"{method} {self.base_url}{path}", timeout) from error
+        what = f"{method} {self.base_url}{path}"
+        response = self._transport.request(
+            method,
+            path,
+            body=body,
+            headers=headers,
+            timeout=timeout,
+            connect_timeout=min(self._connect_timeout, timeout),
+            what=what,
+        )
         status = response.status
         if 200 <= status < 300 or status in ok_statuses:
-            return status, response.headers, response.data
-        raise error_from_response(status, response.data, f"{method} {self.base_url}{path}")
+            return status, response.headers, response.body
+        raise error_from_response(status, response.body, what)
 
 
-# -- the one place where urllib3 exceptions and HTTP statuses become client errors -------------------
+# -- configuration helpers used above ------------------------------------------------------------------
+
+_CONTENT_TYPE_HEADERS = {ct: {"Content-Type": ct} for ct in (JSON_CONTENT_TYPE, NPY_CONTENT_TYPE)}
 
 
-def _translate_transport_error(error: urllib3.exceptions.HTTPError, what: str, timeout: float) -> MnistClientError:
-    if isinstance(error, urllib3.exceptions.NewConnectionError):  # refused, unreachable, DNS failure
-        return UnavailableError(f"{what}: could not connect ({_reason(error)})", request_sent=False)
-    if isinstance(error, urllib3.exceptions.ConnectTimeoutError):
-        return UnavailableError(f"{what}: connecting timed out ({_reason(error)})", request_sent=False)
-    if isinstance(error, urllib3.exceptions.ReadTimeoutError):
-        return DeadlineExceededError(f"{what}: no response within {timeout:.3g} s")
-    if isinstance(error, urllib3.exceptions.SSLError):
-        return UnavailableError(f"{what}: TLS failed ({_reason(error)})", request_sent=False)
-    if isinstance(error, urllib3.exceptions.ProtocolError):  # reset/closed mid-exchange: it may have run
-        return UnavailableError(f"{what}: connection broken ({_reason(error)})", request_sent=True)
-    return UnavailableError(f"{what}: {type(error).__name__}: {_reason(error)}", request_sent=True)
+def _check_headers(headers: Any) -> None:
+    if headers is None:
+        return
+    if not isinstance(headers, dict):
+        raise ClientConfigError(f"headers is a {type(headers).__name__}; expected a dict of header names to values")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ClientConfigError(f"header name {name!r} is not a valid HTTP header name")
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            raise ClientConfigError(f"header {name!r} has value {value!r}; expected a single-line string")
+
+
+def _tls_context(
+    ca_file: str | os.PathLike[str] | None,
+    client_cert: str | os.PathLike[str] | None,
+    client_key: str | os.PathLike[str] | None,
+    insecure: bool,
+) -> ssl.SSLContext:
+    """Verifies the server against ``ca_file`` (else the system store) and its host name, unless ``insecure``."""
+    try:
+        context = ssl.create_default_context(cafile=None if ca_file is None else os.fspath(ca_file))
+        if client_cert is not None:
+            context.load_cert_chain(
+                os.fspath(client_cert), None if client_key is None else os.fspath(client_key)
+            )
+    except (ssl.SSLError, OSError) as error:
+        raise ClientConfigError(f"TLS files could not be loaded ({error}); expected PEM files") from error
+    if insecure:
+        warnings.warn(
+            "RestClient(insecure=True) does not verify the server's certificate: for testing only",
+            stacklevel=3,
+        )
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# -- the one place where HTTP statuses become client errors (transport errors: mnist_client._http) -----
 
 
 def error_from_response(status: int, data: bytes, what: str) -> MnistClientError:
@@ -349,18 +364,25 @@ def _server_message(data: bytes) -> str:
     return text[:_MAX_ERROR_TEXT]
 
 
-def _reason(error: BaseException) -> str:
-    reason = getattr(error, "reason", None) or (error.args[-1] if error.args else error)
-    return str(reason)
-
-
 # -- encoding and decoding -------------------------------------------------------------------------
 
 
 def _encode_json(images: np.ndarray) -> bytes:
-    # Row form: one instance per image. float32 -> Python float is exact, so the server recovers the
-    # same float32 values.
-    return json.dumps({"instances": images.tolist()}, separators=(",", ":")).encode()
+    """Row form, one instance per image, from validated ``[N, 28, 28]`` uint8 or float32 images.
+
+    The float32 model input goes out as float64 (each value exact), whose shortest decimal form orjson
+    writes: the server recovers the same float32 values. The bytes are what ``json.dumps`` of
+    ``tolist()`` gives, in a 20th of the time.
+    """
+    if images.dtype == np.uint8:
+        values = _UINT8_AS_INPUT[images]  # pixel / 255 in float32, as to_model_input computes it
+    else:
+        values = images.astype(np.float64)
+    return orjson.dumps({"instances": values}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# Every uint8 pixel's model input value (float32 pixel / 255), held as float64 for _encode_json.
+_UINT8_AS_INPUT = (np.arange(256, dtype=contract.INPUT_DTYPE) / np.float32(contract.PIXEL_SCALE)).astype(np.float64)
 
 
 def _encode_npy(images: np.ndarray) -> bytes:
@@ -371,6 +393,10 @@ def _encode_npy(images: np.ndarray) -> bytes:
 
 def _decode_json(data: bytes, what: str) -> Any:
     try:
+        return orjson.loads(data)
+    except ValueError:
+        pass
+    try:  # what orjson refuses and Python's json takes (NaN, Infinity), as the client always accepted
         return json.loads(data)
     except ValueError as error:
         raise ProtocolError(f"{what}: the server answered with invalid JSON ({error}): {data[:200]!r}") from error
