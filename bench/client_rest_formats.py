@@ -1,7 +1,7 @@
 """REST request formats side by side: JSON rows against .npy bodies, by batch size, on the real server.
 
-Starts the PyTorch REST server under gunicorn (one sync worker, 127.0.0.1, a free port) on the newest
-TorchScript export, then for each batch size measures, for ``RestClient(binary=False)`` and
+Starts the PyTorch REST server through the stack's launcher (``stack.servers.running_server``: gunicorn
+alone, one sync worker, 127.0.0.1, a free port) on the newest TorchScript export, then for each batch size measures, for ``RestClient(binary=False)`` and
 ``RestClient(binary=True)``: the request body size, the client's encode time (``prepare``), and the
 median end-to-end ``predict`` latency (encode + HTTP + server decode + model + client decode). This is
 the measurement behind ``RestClient``'s default ``binary_threshold``.
@@ -16,47 +16,21 @@ import json
 import logging
 import os
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from mnist_client import contract
 from mnist_client.rest import DEFAULT_BINARY_THRESHOLD, RestClient
-from stack.processes import free_port, stop_process
+from stack.config import free_port_config
+from stack.servers import running_server
 
 log = logging.getLogger("bench.client_rest_formats")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _start_server(models_dir: Path, port: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'clients'}",
-        "MNIST_REST_HOST": "127.0.0.1",
-        "MNIST_REST_PORT": str(port),
-        "MNIST_REST_WORKERS": "1",
-        "MNIST_REST_DEVICE": "cpu",
-        "MNIST_REST_ACCESS_LOG": "off",
-        "MNIST_REST_MODEL_BASE_PATH": str(models_dir / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME),
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            str(REPO_ROOT / "serving/torch_server/gunicorn_conf.py"),
-            "serving.torch_server.app:create_app()",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+# One sync worker, no nginx: the formats' own cost, with nothing else of the stack in the way.
+SERVER_ENV = {"MNIST_REST_WORKERS": "1", "MNIST_REST_DEVICE": "cpu", "MNIST_REST_ACCESS_LOG": "off"}
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -107,15 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     test = mnist_data.load_split("test")
     images = test.images[: max(args.batches)]  # uint8 [N, 28, 28]: what applications usually hold
-    port = free_port()
-    server = _start_server(args.models_dir, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with RestClient(url) as client:
-            client.wait_until_ready(timeout=120)
-        rows = measure(url, images, args.batches, args.calls)
-    finally:
-        stop_process(server)
+    with tempfile.TemporaryDirectory(prefix="client-rest-formats-") as folder:
+        config = free_port_config(args.models_dir, Path(folder))
+        with running_server(config, "torch", env=SERVER_ENV, proxy=False) as server:
+            rows = measure(server.rest_url, images, args.batches, args.calls)
 
     result = {
         "server": "gunicorn, 1 sync worker, 127.0.0.1",

@@ -31,6 +31,7 @@ BENCHMARKS = (
     "grpc_standin",
     "serving_alone",  # the demo's three targets, each server alone on the machine
     "client_rest_formats",
+    "client_cost",  # each client's single-image predict beside the load tester's engine (target: +0.3 ms at most)
     "loadtester_vs_wrk",
 )
 # Not here: bench.soak (minutes long; run it on its own) and bench.client_footprint (installs into a
