@@ -1,4 +1,4 @@
-"""Shared fixtures: real MNIST test images and a model repository with both exports.
+"""Shared fixtures: real MNIST test images, a model repository with both exports, kubectl, TLS certificates.
 
 MNIST comes from one place, never from the internet: ``$MNIST_DATA_DIR`` if set, else the shared copy
 ``<repo>/../shared/data/mnist`` (relative to this checkout, not to the current directory). Tests that
@@ -18,16 +18,13 @@ import pytest
 
 from mnist_client import mnist_data
 from stack.processes import free_port  # noqa: F401 - the tests import it from here
+from tls_certs import make_certs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_DIR_VARIABLE = "MNIST_DATA_DIR"
 SHARED_MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
 # A mirror that refuses at once: a test that would fall through to a download fails fast instead.
 NO_DOWNLOAD_MIRROR = "http://127.0.0.1:9/no-downloads-in-tests/"
-
-# What exports record as ``data_checksum`` for the real files, worked out by hand from the four published
-# MD5s (docs/data.md) in file-name order: printf %s 9fb6...f3ec29...2cf68b...73d53e...32 | md5sum
-MNIST_DATASET_CHECKSUM = "3f70b2b2867baa6c4887e29d5472ba76"
 
 # Number of real test images the fixture exports check against (fast, still real).
 FIXTURE_EXAMPLES = 1000
@@ -105,3 +102,11 @@ def kubectl() -> str:
     if path is None:
         pytest.skip(KUBECTL_MISSING)
     return path
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """TLS files by name (tls_certs.CERT_FILES: a CA, server and client certificates and keys, another CA)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS tests make their certificates with the openssl command: install openssl")
+    return make_certs(tmp_path_factory.mktemp("tls"))

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from client_fakes import Behaviour, GrpcServer, fake_model
-from conftest import free_port
 from mnist_client import contract
 from mnist_client.errors import (
     ClientConfigError,
@@ -22,6 +21,7 @@ from mnist_client.errors import (
 )
 from mnist_client.grpc_client import GrpcClient
 from mnist_client.retry import RetryPolicy
+from stack.processes import free_port
 
 
 @pytest.fixture()

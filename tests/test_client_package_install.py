@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from mnist_client.loadtest import load_report
 from mnist_client.mnist_data import SPLITS
 from mnist_mirror import serve_mirror
+from stack.processes import free_port
 from stack.servers import RunningStack, running_stack
 from tests.local_stack import free_port_config
 
@@ -63,7 +63,7 @@ def test_installed_package_brings_its_libraries_and_nothing_heavy(venv_bin: Path
     result = subprocess.run([str(venv_bin / "pip"), "list", "--format=freeze"], env=_clean_env(),
                             capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     installed = {line.split("==")[0].lower() for line in result.stdout.splitlines()}
-    assert {"mnist-serving-client", "hdrhistogram", "tqdm", "numpy", "grpcio", "protobuf", "urllib3"} <= installed
+    assert {"mnist-serving-client", "hdrhistogram", "tqdm", "numpy", "grpcio", "protobuf", "orjson"} <= installed
     assert not installed & {"torch", "tensorflow", "tensorflow-cpu", "tensorflow-serving-api"}
 
 

@@ -19,6 +19,7 @@ from mnist_client.errors import (
 )
 from mnist_client.rest import JSON_CONTENT_TYPE, NPY_CONTENT_TYPE, RestClient
 from mnist_client.retry import RetryPolicy
+from stack.processes import free_port
 
 
 @pytest.fixture()
@@ -139,8 +140,6 @@ def test_timeout_raises_deadline_exceeded(server, images):
 
 
 def test_unreachable_server_is_unavailable_and_never_sent(images):
-    from conftest import free_port
-
     with RestClient(f"http://127.0.0.1:{free_port()}", timeout=0.5, retry=RetryPolicy(max_attempts=1)) as client:
         with pytest.raises(UnavailableError, match="could not connect") as caught:
             client.predict(images[:1])

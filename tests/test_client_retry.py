@@ -17,11 +17,11 @@ import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: F401 - import TF now, not in a timed test
 
 from client_fakes import Behaviour, GrpcServer, RestServer
-from conftest import free_port
 from mnist_client.errors import DeadlineExceededError, ServerError, UnavailableError
 from mnist_client.grpc_client import GrpcClient
 from mnist_client.rest import RestClient
 from mnist_client.retry import RetryPolicy, call_with_retries, is_retryable_predict, is_retryable_probe
+from stack.processes import free_port
 
 IMAGE = np.zeros((1, 28, 28), np.uint8)
 FAST = RetryPolicy(max_attempts=20, initial_backoff=0.02, max_backoff=0.2)

@@ -1,14 +1,14 @@
 """TLS (server verification and mutual TLS) and the bearer token, for both clients.
 
-Certificates are made per test session with the openssl command line: a CA, a server certificate for
-127.0.0.1/localhost and a client certificate, all signed by that CA.
+Certificates come from the session's ``certs`` fixture (tests/conftest.py, made by tests/tls_certs.py with
+the openssl command line): a CA, a server certificate for 127.0.0.1/localhost and a client certificate,
+all signed by that CA.
 """
 
 from __future__ import annotations
 
 import shutil
 import ssl
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -22,76 +22,8 @@ from mnist_client.rest import RestClient
 from mnist_client.retry import NO_RETRIES
 
 IMAGE = np.zeros((1, 28, 28), np.uint8)
-EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")  # much faster to make than RSA
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("tls")
-    _openssl(
-        "req",
-        "-x509",
-        *EC_KEY,
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=mnist test CA",
-        cwd=d,
-    )
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "client"):
-        _openssl(
-            "req", *EC_KEY, "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.pem",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-            cwd=d,
-        )
-    _openssl(
-        "req",
-        "-x509",
-        *EC_KEY,
-        "-nodes",
-        "-keyout",
-        "other-ca.key",
-        "-out",
-        "other-ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=another CA",
-        cwd=d,
-    )
-    return {
-        name: d / f"{name}"
-        for name in ("ca.pem", "other-ca.pem", "server.pem", "server.key", "client.pem", "client.key")
-    }
 
 
 def server_context(certs: dict[str, Path], require_client_cert: bool = False) -> ssl.SSLContext:

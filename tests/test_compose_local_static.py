@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from mnist_client import contract
+from stack.processes import free_port
 from training import recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -289,8 +290,6 @@ def test_healthcheck_is_healthy_once_a_version_serves(model_repo: Path, tmp_path
 
 
 def test_healthcheck_is_unhealthy_when_nothing_listens() -> None:
-    from tests.conftest import free_port
-
     result = run_healthcheck(free_port())
     assert result.returncode == 1
     assert "unhealthy: GetModelStatus(mnist)" in result.stderr

@@ -18,8 +18,8 @@ import tensorflow as tf
 import torch
 from tensorflow.core.framework import types_pb2
 
-from conftest import MNIST_DATASET_CHECKSUM
 from mnist_client import contract, mnist_data
+from mnist_reference import MNIST_DATASET_CHECKSUM
 from serving.model_repository import list_versions, model_base_path, publish_version
 from training import model_tf, model_torch
 

@@ -19,7 +19,7 @@ from mnist_client.loadtest.report import Report
 from mnist_client.loadtest.reporter import Reporter
 from mnist_client.loadtest.runner import Progress
 from mnist_client.loadtest.stats import LatencyHistogram, Measurement
-from tests.conftest import free_port
+from stack.processes import free_port
 from tests.loadtest_servers import Behaviour, GrpcServer, Oracle, RestServer
 
 IMAGES = 60

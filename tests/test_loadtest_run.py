@@ -12,7 +12,7 @@ from mnist_client.loadtest.pacer import ClosedLoop
 from mnist_client.loadtest.payload import load_test_set
 from mnist_client.loadtest.records import RecordSink
 from mnist_client.loadtest.rest_worker import HttpEngine
-from tests.conftest import free_port
+from stack.processes import free_port
 from tests.loadtest_servers import Behaviour, GrpcServer, Oracle, RestServer
 
 IMAGES = 100  # distinct test images in every payload: small, fast to encode, still real

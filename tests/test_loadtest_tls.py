@@ -3,7 +3,7 @@ an option, a file or the environment, gRPC over mutual TLS.
 
 The real servers: the PyTorch REST server as `make serve` starts it (nginx serving HTTPS in front of
 gunicorn; the app requiring a token) and the TF Serving stand-in with an SSLConfig that requires a
-client certificate. Certificates come from tests/test_client_tls.py's ``certs`` fixture.
+client certificate. Certificates come from the ``certs`` fixture (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from serving.torch_server.config import ConfigError as ServerConfigError
 from serving.torch_server.proxy import find_nginx
 from stack.servers import rest_process
 from tests.local_stack import free_port_config
-from test_client_tls import certs  # noqa: F401 - the fixture
 
 TOKEN = "s3cret-t0ken"
 DISTINCT = 100
@@ -91,7 +90,7 @@ def test_the_token_never_reaches_the_report() -> None:
 
 
 @pytest.fixture(scope="module")
-def https_rest_url(model_repo: Path, certs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+def https_rest_url(model_repo: Path, certs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
                    ) -> Iterator[str]:
     """The PyTorch REST server as make serve starts it, with HTTPS (at nginx) and a required token."""
     missing = _nginx_missing()
@@ -119,7 +118,7 @@ def https_rest_url(model_repo: Path, certs: dict[str, Path], tmp_path_factory: p
 
 
 @pytest.fixture(scope="module")
-def mtls_grpc_target(model_repo: Path, certs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+def mtls_grpc_target(model_repo: Path, certs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
                      ) -> Iterator[str]:
     """The stand-in over TLS, requiring a client certificate signed by the test CA."""
     ssl_config = tmp_path_factory.mktemp("standin-tls") / "ssl_config.txt"
@@ -144,7 +143,7 @@ def _run(*args: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def test_both_servers_measured_with_tls_and_the_token(https_rest_url, mtls_grpc_target, certs, tmp_path):  # noqa: F811
+def test_both_servers_measured_with_tls_and_the_token(https_rest_url, mtls_grpc_target, certs, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     code, out = _run("--rest", f"torch={https_rest_url}", "--grpc", f"tf={mtls_grpc_target}",
@@ -166,7 +165,7 @@ def test_the_token_from_the_environment_and_insecure_https(https_rest_url, monke
     assert INSECURE_WARNING in capsys.readouterr().err
 
 
-def test_a_missing_token_or_an_unknown_ca_is_named(https_rest_url, certs, monkeypatch, capsys):  # noqa: F811
+def test_a_missing_token_or_an_unknown_ca_is_named(https_rest_url, certs, monkeypatch, capsys):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     code, _ = _run("--rest", https_rest_url, "--ca-file", str(certs["ca.pem"]))
     err = capsys.readouterr().err

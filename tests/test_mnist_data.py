@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MNIST_DATASET_CHECKSUM, free_port
 from mnist_client import contract, mnist_data
 from mnist_client.mnist_data import FILES, MnistDataError
 from mnist_mirror import serve_mirror
+from mnist_reference import MNIST_DATASET_CHECKSUM
+from stack.processes import free_port
 
 TEST_IMAGES, TEST_LABELS = mnist_data.SPLITS["test"]
 

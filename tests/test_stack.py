@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port
 from mnist_client.cpus import usable_cpus
 from mnist_client.grpc_client import GrpcClient
 from mnist_client.loadtest import LoadTestConfig, parse_target, run

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import tensorflow as tf
 
-from conftest import free_port
 from mnist_client import contract
 from serving.model_repository import list_versions, model_base_path
+from stack.processes import free_port
 from training import recipe, train_tf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MNIST_DATASET_CHECKSUM
 from mnist_client import contract, mnist_data
+from mnist_reference import MNIST_DATASET_CHECKSUM
 from serving.model_repository import list_versions
 from training import recipe, train_torch
 from training.model_torch import predict_numpy

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import free_port
 from mnist_client import contract
 from mnist_client.loadtest.cli import main as loadtest_main
 from serving.web.app import create_app
+from stack.processes import free_port
 from stack.servers import running_stack
 from tests.local_stack import free_port_config
 from web_browser import DESKTOP, PHONE, require_chromium, start_chromium
