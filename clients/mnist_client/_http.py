@@ -244,15 +244,15 @@ def _parse_head(head: bytes) -> tuple[int, str, Headers]:
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (len(parts[1]) == 3 and parts[1].isdigit()):
         raise ProtocolError(f"not an HTTP response (status line {lines[0][:60]!r}); expected an HTTP server")
-    headers = Headers()
+    fields: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if sep:
             key = name.strip().lower()
             value = value.strip()
             # Repeated headers join with a comma (RFC 9110), as http.client did.
-            dict.__setitem__(headers, key, f"{dict.get(headers, key)}, {value}" if key in headers else value)
-    return int(parts[1]), parts[0], headers
+            fields[key] = f"{fields[key]}, {value}" if key in fields else value
+    return int(parts[1]), parts[0], Headers(fields)
 
 
 def _read_chunked(sock: socket.socket, buf: bytearray) -> bytes:

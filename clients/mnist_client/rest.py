@@ -371,8 +371,9 @@ def _encode_json(images: np.ndarray) -> bytes:
     """Row form, one instance per image, from validated ``[N, 28, 28]`` uint8 or float32 images.
 
     The float32 model input goes out as float64 (each value exact), whose shortest decimal form orjson
-    writes: the server recovers the same float32 values. The bytes are what ``json.dumps`` of
-    ``tolist()`` gives, in a 20th of the time.
+    writes: the server recovers the same float32 values. The numbers are those ``json.dumps`` of
+    ``tolist()`` writes (the very same bytes for uint8 input; an exponent may read ``1e-7`` for
+    ``1e-07``), in about a 15th of the time.
     """
     if images.dtype == np.uint8:
         values = _UINT8_AS_INPUT[images]  # pixel / 255 in float32, as to_model_input computes it
