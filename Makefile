@@ -16,10 +16,17 @@ ifneq ($(filter-out cpu,$(TORCH)),)
 $(error TORCH=$(TORCH): expected TORCH=cpu (the CPU-only build) or no TORCH at all (PyPI's build))
 endif
 TORCH_PIP_FLAGS := $(if $(TORCH),--extra-index-url https://download.pytorch.org/whl/cpu)
+# TF=cuda: TensorFlow's CUDA build (requirements/tf-cuda.txt) in place of tensorflow-cpu, so that the TF
+# trainer and the stand-in can use an NVIDIA GPU; without it, TensorFlow runs on the CPU. docs/gpu.md.
+TF ?=
+ifneq ($(filter-out cuda,$(TF)),)
+$(error TF=$(TF): expected TF=cuda (TensorFlow's CUDA build) or no TF at all (tensorflow-cpu))
+endif
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup train train-torch train-tf test pytest bench demo serve protos clean tensorboard compose-test
+.PHONY: setup train train-torch train-tf test pytest bench demo serve protos clean tensorboard compose-test \
+	gpu-check tf-cuda
 
 # nginx fronts both REST servers in make serve and make demo: installed here where we may (root with
 # apt-get), named otherwise (its tests skip without it).
@@ -38,6 +45,19 @@ $(STAMP): requirements/main.txt requirements/constraints.txt requirements/no-dep
 	$(PIP) install --quiet --no-deps -r requirements/no-deps.txt
 	$(PIP) install --quiet --no-deps -e ./clients
 	touch $@
+
+# TF=cuda: tensorflow-cpu and TensorFlow's CUDA build install the same `tensorflow` package, so the CPU
+# build is removed and the CUDA build reinstalled over what it shared with it; `make clean setup` goes back.
+ifeq ($(TF),cuda)
+setup: tf-cuda
+endif
+tf-cuda: $(STAMP)
+	@if $(PIP) show tensorflow-cpu >/dev/null 2>&1; then \
+	  echo "setup: TF=cuda: replacing tensorflow-cpu with TensorFlow's CUDA build (requirements/tf-cuda.txt)"; \
+	  $(PIP) uninstall --quiet --yes tensorflow-cpu && \
+	  $(PIP) install --quiet --force-reinstall --no-deps -r requirements/tf-cuda.txt; \
+	fi
+	$(PIP) install --quiet -r requirements/tf-cuda.txt -c requirements/constraints.txt
 
 train: train-torch train-tf
 
@@ -61,6 +81,12 @@ pytest: setup
 
 bench: setup
 	$(PY) -m bench.run_all --output-dir $(BENCH_DIR)
+
+# The GPU check (docs/gpu.md), for a machine with an NVIDIA GPU: one epoch of each trainer on CUDA, both
+# servers on the GPU, load-tested at concurrency 1, 16 and 64 (about 5 minutes; TF=cuda puts TensorFlow's
+# parts on the GPU too). Without CUDA it refuses; GPU_CHECK_ARGS=--allow-cpu rehearses it on the CPU.
+gpu-check: setup
+	$(PY) -m bench.gpu_check --output-dir $(BENCH_DIR) $(GPU_CHECK_ARGS)
 
 # The compose stack for real (docker-compose.local.yml; docs/compose-local.md): starts dockerd if none
 # runs, builds, brings the stack up, load-tests it, tears it down. Skips where no engine can be had.

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from bench.gpu_check.settings import REST_GPU_ENV
 from docker_files import BIN, REPO, env_of, exposed, stages
 from mnist_client import contract
 
@@ -32,7 +33,7 @@ TRAINING_SERVICES = ("torch-train", "tf-train")
 SERVER_SERVICES = ("torch-rest", "tf-serving")
 GPU_SERVICES = TRAINING_SERVICES + SERVER_SERVICES
 # Variables the compose files interpolate; unset for the checks, so the defaults are what is checked.
-COMPOSE_VARIABLES = ("MNIST_DATA_DIR", "MNIST_PUBLISH_ADDRESS", "MNIST_REST_DEVICE", "MNIST_REST_WORKERS", "LOADTEST_USER")
+COMPOSE_VARIABLES = ("MNIST_DATA_DIR", "MNIST_PUBLISH_ADDRESS", "MNIST_REST_DEVICE", "LOADTEST_USER", *REST_GPU_ENV)
 
 
 # --- tools ------------------------------------------------------------------------------------
@@ -159,7 +160,21 @@ def test_cpu_override_changes_nothing_else(gpu_config: dict, cpu_config: dict) -
             service.pop("deploy", None)
             service.pop("image", None)
             service.get("build", {}).get("args", {}).pop("VARIANT", None)
+            if name == "torch-rest":  # its GPU settings, which the override replaces (the next test)
+                service["environment"] = {k: v for k, v in service["environment"].items() if k not in REST_GPU_ENV}
         assert cpu_service == gpu_service, f"the CPU override changes more than the variant of {name}"
+
+
+def test_rest_server_runs_the_gpu_settings_on_its_gpu_and_its_cpu_defaults_under_the_override(
+    gpu_config: dict, cpu_config: dict
+) -> None:
+    gpu_rest, cpu_rest = gpu_config["services"]["torch-rest"], cpu_config["services"]["torch-rest"]
+    # One worker per GPU, and one GPU: the values `make gpu-check` measures (bench/gpu_check/settings.py).
+    assert {name: gpu_rest["environment"].get(name) for name in REST_GPU_ENV} == REST_GPU_ENV
+    assert REST_GPU_ENV["MNIST_REST_WORKERS"] == "1"
+    assert [device["count"] for device in _gpu_devices(gpu_rest)] == [1]
+    # Empty values: the server's own CPU defaults (docs/rest-server.md).
+    assert {name: cpu_rest["environment"].get(name) for name in REST_GPU_ENV} == dict.fromkeys(REST_GPU_ENV, "")
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
