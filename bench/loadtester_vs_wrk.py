@@ -27,19 +27,18 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
-from mnist_client import contract
 from mnist_client.cpus import usable_cpus
 from mnist_client.loadtest import LoadTestConfig, parse_target, run
 from mnist_client.loadtest.payload import build_payload, load_test_set
 from bench.wrk import whole_seconds
-from stack.processes import free_port, stop_process
+from stack.config import free_port_config
+from stack.servers import running_server
 
 log = logging.getLogger("bench.loadtester_vs_wrk")
 
@@ -76,52 +75,12 @@ end
 """
 
 
-def wait_until(url: str, timeout_s: float, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready within {timeout_s:g} s")
-
-
-def latest_version_dir(models_dir: Path, framework: str) -> Path | None:
-    base = models_dir / framework / contract.MODEL_NAME
-    versions = sorted((int(p.name) for p in base.glob("*") if p.name.isdigit()), reverse=True) if base.is_dir() else []
-    return base if versions else None
-
-
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
 # -- REST: wrk vs the load tester -----------------------------------------------------------------------
-
-
-def start_rest_server(models_base: Path, port: int, workers: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
-        "MNIST_REST_HOST": "127.0.0.1",
-        "MNIST_REST_PORT": str(port),
-        "MNIST_REST_MODEL_BASE_PATH": str(models_base),
-        "MNIST_REST_WORKERS": str(workers),
-        "MNIST_REST_ACCESS_LOG": "off",
-        "MNIST_REST_DEVICE": "cpu",
-    }
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    command = [str(gunicorn) if gunicorn.exists() else "gunicorn", "-c", str(REPO_ROOT / "serving/torch_server/gunicorn_conf.py"),
-               "serving.torch_server.app:create_app()"]
-    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_until(f"http://127.0.0.1:{port}/readyz", 120.0, process)
-    return process
 
 
 def run_wrk(url: str, script: Path, prefix: Path, count: int, path: str, concurrency: int, duration_s: int) -> dict:
@@ -169,16 +128,14 @@ def run_loadtester(targets: tuple, concurrency: int, duration_s: float) -> dict:
 
 
 def bench_rest(models_dir: Path, duration_s: int, repeats: int, high: int, workdir: Path) -> dict:
-    models_base = latest_version_dir(models_dir, contract.TORCH_FRAMEWORK_DIR)
-    if models_base is None:
-        raise RuntimeError(f"no TorchScript model under {models_dir}/torch/mnist; run `make train` first")
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install -y wrk)")
-    port = free_port()
     workers = usable_cpus()
-    server = start_rest_server(models_base, port, workers)
-    try:
-        url = f"http://127.0.0.1:{port}"
+    # gunicorn alone (no nginx in front), so both tools load the same server and nothing else.
+    config = free_port_config(models_dir.resolve(), workdir / "rest")
+    env = {"MNIST_REST_WORKERS": str(workers), "MNIST_REST_ACCESS_LOG": "off", "MNIST_REST_DEVICE": "cpu"}
+    with running_server(config, "torch", env=env, proxy=False) as server:
+        url = server.rest_url
         target = parse_target(url, "rest")
         config = LoadTestConfig(targets=(target,), distinct_images=DISTINCT_IMAGES, requests=1)
         payload = build_payload(target, config, load_test_set(limit=DISTINCT_IMAGES))
@@ -200,8 +157,6 @@ def bench_rest(models_dir: Path, duration_s: int, repeats: int, high: int, workd
                     samples[f"{tool}@{concurrency}"].append(result)
                     log.info("repeat %d %s c=%d: %.0f req/s, p50 %.3f ms", repeat, tool, concurrency, result["rps"],
                              result["p50_ms"])
-    finally:
-        stop_process(server)
 
     def median(key: str, metric: str) -> float:
         return statistics.median(sample[metric] for sample in samples[key])
@@ -227,27 +182,6 @@ def bench_rest(models_dir: Path, duration_s: int, repeats: int, high: int, workd
 
 
 # -- gRPC: a bare grpcio loop vs the load tester -------------------------------------------------------
-
-
-def start_standin(models_dir: Path, port: int) -> subprocess.Popen:
-    base = latest_version_dir(models_dir, contract.TF_FRAMEWORK_DIR)
-    if base is None:
-        raise RuntimeError(f"no SavedModel under {models_dir}/tf/mnist; run `make train` first")
-    command = [sys.executable, "-m", "serving.tfs_standin", f"--port={port}", "--rest_api_port=0",
-               f"--model_name={contract.MODEL_NAME}", f"--model_base_path={base}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    from mnist_client.grpc_client import GrpcClient
-
-    with GrpcClient(f"127.0.0.1:{port}", timeout=2.0) as client:
-        deadline = time.monotonic() + 180.0
-        while not client.ready():
-            if process.poll() is not None:
-                raise RuntimeError(f"TF Serving stand-in exited with status {process.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("TF Serving stand-in not ready within 180 s")
-            time.sleep(0.5)
-    return process
 
 
 def bare_grpc_loop(target: str, requests: list[bytes], concurrency: int, duration_s: float) -> dict:
@@ -280,11 +214,12 @@ def bare_grpc_loop(target: str, requests: list[bytes], concurrency: int, duratio
     return {"rps": sum(counts) / elapsed, "requests": sum(counts)}
 
 
-def bench_grpc(models_dir: Path, duration_s: float, repeats: int, concurrencies: tuple[int, ...]) -> dict:
-    port = free_port()
-    server = start_standin(models_dir, port)
-    try:
-        address = f"127.0.0.1:{port}"
+def bench_grpc(models_dir: Path, duration_s: float, repeats: int, concurrencies: tuple[int, ...],
+               workdir: Path) -> dict:
+    # The stand-in's gRPC API alone: no REST API (port 0), no nginx.
+    config = replace(free_port_config(models_dir.resolve(), workdir / "grpc"), tfs_rest_port=0)
+    with running_server(config, "tf", proxy=False) as server:
+        address = config.grpc_target
         target = parse_target(address, "grpc")
         config = LoadTestConfig(targets=(target,), distinct_images=DISTINCT_IMAGES, requests=1)
         requests = list(build_payload(target, config, load_test_set(limit=DISTINCT_IMAGES)).bodies)
@@ -299,8 +234,6 @@ def bench_grpc(models_dir: Path, duration_s: float, repeats: int, concurrencies:
                         result = run_loadtester((target,), concurrency, duration_s)
                     samples[f"{tool}@{concurrency}"].append(result)
                     log.info("repeat %d grpc %s c=%d: %.0f calls/s", repeat, tool, concurrency, result["rps"])
-    finally:
-        stop_process(server)
     figures = {}
     for concurrency in concurrencies:
         bare = statistics.median(s["rps"] for s in samples[f"bare@{concurrency}"])
@@ -360,8 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_grpc:
             try:
                 concurrencies = tuple(int(c) for c in args.grpc_concurrency.split(","))
-                results["grpc"] = bench_grpc(args.models_dir, args.duration, max(1, args.repeats - 1), concurrencies)
-            except (RuntimeError, ModuleNotFoundError) as exc:
+                results["grpc"] = bench_grpc(args.models_dir, args.duration, max(1, args.repeats - 1), concurrencies,
+                                             Path(tmp))
+            except (RuntimeError, ModuleNotFoundError) as exc:  # StackError is a RuntimeError
                 log.warning("gRPC comparison skipped: %s", exc)
                 results["grpc"] = f"skipped: {exc}"
     results["load_average_after"] = os.getloadavg()

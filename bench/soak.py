@@ -26,14 +26,11 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,38 +38,18 @@ import psutil
 
 from bench.results import write_result
 from mnist_client import contract
-from mnist_client.grpc_client import GrpcClient
 from mnist_client.loadtest import LoadTestConfig, Target, run
-from mnist_client.rest import RestClient
 from serving.model_repository import latest_version, model_base_path
-from stack.processes import free_port, stop_process
+from stack.config import REPO_ROOT, free_port_config
+from stack.servers import running_server
 
 log = logging.getLogger("bench.soak")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME = "soak"
-GUNICORN_CONF = REPO_ROOT / "serving" / "torch_server" / "gunicorn_conf.py"
 MIB = 1024 * 1024
 MEMORY_TOLERANCE = (0.05, 16 * MIB)  # relative, absolute: the larger one applies
 P99_MAX_RATIO = 1.5
 SAMPLE_SECONDS = 1.0
-
-
-@contextmanager
-def started(command: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A server subprocess, SIGTERMed (then killed if need be) on exit; its output goes to ``log_path``."""
-    with open(log_path, "wb") as output:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            yield process
-        finally:
-            stop_process(process, grace_s=60)
-
-
-def server_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **extra}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    return env
 
 
 class RssSampler:
@@ -275,23 +252,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"no exported model under {base}; run `make {make}` first (or pass --models-dir)")
     intervals_wanted = max(2, round(args.minutes * 60 / args.interval))
 
-    rest_port, grpc_port = free_port(), free_port()
     scratch = Path(tempfile.mkdtemp(prefix="soak-"))
-    rest_env = server_env(MNIST_REST_HOST="127.0.0.1", MNIST_REST_PORT=str(rest_port),
-                          MNIST_REST_WORKERS=str(args.rest_workers), MNIST_REST_MODEL_BASE_PATH=str(torch_base),
-                          MNIST_REST_DEVICE="cpu", MNIST_REST_ACCESS_LOG="off")
-    rest_command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.torch_server.app:create_app()"]
-    grpc_command = [sys.executable, "-m", "serving.tfs_standin", f"--port={grpc_port}", "--standin_host=127.0.0.1",
-                    f"--model_name={contract.MODEL_NAME}", f"--model_base_path={tf_base}"]
-    rest_target = Target("rest", "rest", f"http://127.0.0.1:{rest_port}")
-    grpc_target = Target("grpc", "grpc", f"127.0.0.1:{grpc_port}")
+    # Each server alone, with no nginx in front (its RSS is what is watched); the stand-in gRPC only.
+    config = replace(free_port_config(args.models_dir.resolve(), scratch), tfs_rest_port=0)
+    rest_env = {"MNIST_REST_WORKERS": str(args.rest_workers), "MNIST_REST_DEVICE": "cpu", "MNIST_REST_ACCESS_LOG": "off"}
+    rest_target = Target("rest", "rest", config.rest_url)
+    grpc_target = Target("grpc", "grpc", config.grpc_target)
     intervals: list[dict[str, Any]] = []
     try:
-        with started(rest_command, rest_env, scratch / "gunicorn.log") as gunicorn, \
-                started(grpc_command, server_env(), scratch / "standin.log") as standin:
-            with RestClient(rest_target.address) as rest_client, GrpcClient(grpc_target.address) as grpc_client:
-                rest_client.wait_until_ready(120)
-                grpc_client.wait_until_ready(120)
+        with running_server(config, "torch", env=rest_env, proxy=False) as gunicorn, \
+                running_server(config, "tf", proxy=False) as standin:
             sampler = RssSampler(psutil.Process(gunicorn.pid), psutil.Process(standin.pid))
             sampler.start()
             try:

@@ -4,7 +4,7 @@ Both serve the same TorchScript file (the newest version under ``--models-dir``)
 (one thread, ``bench/rest_wrk.lua``) with the same single-image JSON bodies (real MNIST test images, as
 ``mnist_client`` sends them). Three targets:
 
-- ``project_rest``: the project's REST server as ``make serve`` starts it (``stack.servers.rest_process``:
+- ``project_rest``: the project's REST server as ``make serve`` starts it (``stack.servers.running_server``:
   gunicorn with ``serving/torch_server/gunicorn_conf.py``, its defaults), on a free port;
 - ``torchserve_default``: TorchServe as a user starts it (``torchserve --models mnist=mnist.mar``): its
   default workers (one per core), batch size 1;
@@ -54,11 +54,10 @@ from bench.torchserve.server import (
 from bench.wrk import whole_seconds
 from mnist_client import contract
 from mnist_client.cpus import usable_cpus
-from mnist_client.rest import RestClient
 from serving.model_repository import latest_version, model_base_path
 from stack.config import StackConfig
 from stack.processes import free_port
-from stack.servers import rest_process
+from stack.servers import running_server
 from training.cli import non_negative_int, positive_int
 
 log = logging.getLogger("bench.torchserve_peer")
@@ -99,7 +98,7 @@ class Target:
 
 @contextmanager
 def project_rest_server(models_dir: Path, log_dir: Path) -> Iterator[Server]:
-    """The REST server as ``make serve`` runs it (``stack.servers.rest_process``), on 127.0.0.1 and a free port."""
+    """The REST server as ``make serve`` runs it (``stack.servers.running_server``), on 127.0.0.1 and a free port."""
     config = replace(
         StackConfig.from_env(),
         host="127.0.0.1",
@@ -109,19 +108,8 @@ def project_rest_server(models_dir: Path, log_dir: Path) -> Iterator[Server]:
         report_dir=log_dir,
         ready_timeout_s=180.0,
     )
-    process = rest_process(config)
-    process.start()
-    try:
-
-        def ready() -> bool:
-            with RestClient(config.rest_url, timeout=2.0) as client:
-                return client.ready()
-
-        took = process.wait_ready(ready, config.ready_timeout_s)
-        log.info("project REST server ready at %s after %.1f s", config.rest_url, took)
-        yield Server(config.rest_url, process.pid or 0)
-    finally:
-        process.stop()
+    with running_server(config, "torch") as server:
+        yield Server(config.rest_url, server.pid or 0)
 
 
 # -- answers ---------------------------------------------------------------------------------------------

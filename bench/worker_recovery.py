@@ -29,7 +29,6 @@ import logging
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -42,11 +41,11 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.results import write_result
-from bench.soak import GUNICORN_CONF, REPO_ROOT, server_env, started
 from mnist_client import contract
 from mnist_client.cpus import usable_cpus
 from serving.model_repository import latest_version, model_base_path
-from stack.processes import free_port
+from stack.config import REPO_ROOT, free_port_config
+from stack.servers import running_server
 
 log = logging.getLogger("bench.worker_recovery")
 
@@ -186,15 +185,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = model_base_path(args.models_dir, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
     if latest_version(base) is None:
         parser.error(f"no exported model under {base}; run `make train-torch` first (or pass --models-dir)")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = server_env(MNIST_REST_HOST="127.0.0.1", MNIST_REST_PORT=str(port), MNIST_REST_WORKERS=str(args.workers),
-                     MNIST_REST_MODEL_BASE_PATH=str(base), MNIST_REST_DEVICE="cpu", MNIST_REST_ACCESS_LOG="off")
-    command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.torch_server.app:create_app()"]
-    scratch = Path(tempfile.mkdtemp(prefix="worker-recovery-"))
+    env = {"MNIST_REST_WORKERS": str(args.workers), "MNIST_REST_MODEL_BASE_PATH": str(base),
+           "MNIST_REST_DEVICE": "cpu", "MNIST_REST_ACCESS_LOG": "off"}
     rounds = []
-    with started(command, env, scratch / "gunicorn.log") as gunicorn:
+    # gunicorn alone (no nginx in front): its workers are what is killed and measured.
+    with tempfile.TemporaryDirectory(prefix="worker-recovery-") as scratch, \
+            running_server(free_port_config(args.models_dir.resolve(), Path(scratch)), "torch", env=env,
+                           proxy=False) as gunicorn:
         master = psutil.Process(gunicorn.pid)
+        url = gunicorn.rest_url
         with Traffic(url, args.threads) as traffic:
             for number in range(1, args.rounds + 1):
                 figures = one_round(master, url, traffic, args.workers)

@@ -162,15 +162,22 @@ _LAUNCHER_REST_ENV = ("MNIST_REST_HOST", "MNIST_REST_PORT")
 _LAUNCHER_STANDIN_FLAGS = ("port", "rest_api_port", "standin_host")
 
 
-def rest_process(config: StackConfig, *, env: Mapping[str, str] | None = None, proxy: bool = True) -> Server:
+def rest_process(
+    config: StackConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    proxy: bool = True,
+    ca_file: str | os.PathLike[str] | None = None,
+) -> Server:
     """The PyTorch REST server (gunicorn with ``serving/torch_server/gunicorn_conf.py``), not started yet.
 
     ``proxy=True`` (``make serve``): gunicorn on a free loopback port, nginx on ``config.host:config.rest_port``;
     HTTPS (MNIST_REST_TLS_CERT and MNIST_REST_TLS_KEY, from ``env`` or this process's environment) is served
     by nginx. ``proxy=False``: gunicorn alone on ``config.host:config.rest_port``, serving HTTPS itself when
-    ``env`` sets MNIST_REST_TLS_CERT/KEY.
+    ``env`` sets MNIST_REST_TLS_CERT/KEY. The readiness probe verifies that certificate with ``ca_file``
+    (default: the certificate itself, as for a self-signed one).
 
-    ``env``: more MNIST_REST_* settings for gunicorn (docs/configuration: MNIST_REST_WORKERS,
+    ``env``: more MNIST_REST_* settings for gunicorn (docs/rest-server.md: MNIST_REST_WORKERS,
     MNIST_REST_ACCESS_LOG, MNIST_REST_DEVICE, MNIST_REST_MODEL_BASE_PATH...), over the defaults; its host
     and port come from ``config`` (a ValueError says so if ``env`` names them).
     """
@@ -206,7 +213,7 @@ def rest_process(config: StackConfig, *, env: Mapping[str, str] | None = None, p
     if proxy:
         tls = {"MNIST_PROXY_TLS_CERT": tls_cert, "MNIST_PROXY_TLS_KEY": tls_key}
         front = _nginx(config, "rest-proxy", config.rest_port, port, tls)
-    return Server(server, front, rest_url=rest_url, ca_file=tls_cert or None)
+    return Server(server, front, rest_url=rest_url, ca_file=(str(ca_file) if ca_file else tls_cert) or None)
 
 
 def _nginx(config: StackConfig, name: str, port: int, upstream_port: int, extra: dict[str, str]) -> ManagedProcess:
@@ -307,15 +314,16 @@ def running_server(
     env: Mapping[str, str] | None = None,
     flags: Sequence[str] = (),
     proxy: bool = True,
+    ca_file: str | os.PathLike[str] | None = None,
 ) -> Iterator[Server]:
     """One server of the stack alone, ready for the block and stopped after (on errors too): the PyTorch
     REST server (``torch``) or the TF Serving stand-in with its gRPC and REST APIs (``tf``). Benchmarks
     and tests start servers only through this (or ``rest_process``/``grpc_process`` and ``Server.wait_ready``).
 
-    ``env`` (torch: extra MNIST_REST_* settings), ``flags`` (tf: extra TF Serving flags) and ``proxy``
-    (False: no nginx in front) are ``rest_process``'s and ``grpc_process``'s. Ports, host, models folder,
-    log folder and readiness timeout come from ``config`` (``stack.config.free_port_config`` for free
-    ports). Raises StackError, with the log's last lines, if the server exits or is not ready in time.
+    ``env`` (torch: extra MNIST_REST_* settings), ``flags`` (tf: extra TF Serving flags), ``proxy``
+    (False: no nginx in front) and ``ca_file`` (torch over HTTPS) are ``rest_process``'s and
+    ``grpc_process``'s. Ports, host, models folder, log folder and readiness timeout come from ``config``
+    (``stack.config.free_port_config`` for free ports). Raises StackError, with the log's last lines, if the server exits or is not ready in time.
 
         with running_server(config, "torch", env={"MNIST_REST_WORKERS": "1"}, proxy=False) as server:
             RestClient(server.rest_url).predict(images)     # server.pids: for CPU accounting
@@ -323,19 +331,19 @@ def running_server(
     if which == "torch":
         if flags:
             raise ValueError("flags are the stand-in's; the PyTorch REST server takes env settings")
-        ensure_port_free(config.host, config.rest_port, "PyTorch REST server")
-        server = rest_process(config, env=env, proxy=proxy)
         check_base_path(Path((env or {}).get("MNIST_REST_MODEL_BASE_PATH", config.torch_base_path)), "train-torch")
+        ensure_port_free(config.host, config.rest_port, "PyTorch REST server")
+        server = rest_process(config, env=env, proxy=proxy, ca_file=ca_file)
     elif which == "tf":
         if env:
             raise ValueError("env settings are the PyTorch REST server's; the stand-in takes flags")
+        base_flag = next((f for f in flags if f.startswith("--model_base_path=")), None)
+        if not any(f.startswith("--model_config_file") for f in flags):  # else the models are that file's
+            check_base_path(Path(base_flag.split("=", 1)[1]) if base_flag else config.tf_base_path, "train-tf")
         ensure_port_free(config.host, config.grpc_port, "TF Serving gRPC stand-in")
         if config.tfs_rest_port:
             ensure_port_free(config.host, config.tfs_rest_port, "TF Serving stand-in's REST API")
         server = grpc_process(config, flags=flags, proxy=proxy)
-        base_flag = next((f for f in flags if f.startswith("--model_base_path=")), None)
-        if not any(f.startswith("--model_config_file") for f in flags):
-            check_base_path(Path(base_flag.split("=", 1)[1]) if base_flag else config.tf_base_path, "train-tf")
     else:
         raise ValueError(f"which={which!r}: expected 'torch' or 'tf'")
     try:

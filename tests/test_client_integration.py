@@ -1,6 +1,6 @@
 """The clients against the real servers, with models exported by the real training code.
 
-- the PyTorch REST server under gunicorn (subprocess, free port), plain and with HTTPS + bearer token;
+- the PyTorch REST server under gunicorn (started by stack.servers, free port), plain and with HTTPS + bearer token;
 - the TF Serving stand-in (gRPC, and its TF-Serving-style REST API when it has one), in process.
 
 Predictions on real MNIST test images must be accurate and agree across the REST encodings.
@@ -9,78 +9,32 @@ Predictions on real MNIST test images must be accurate and agree across the REST
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import free_port
 from mnist_client import contract
 from mnist_client.errors import InvalidInputError, ServerError, UnavailableError
 from mnist_client.grpc_client import GrpcClient
 from mnist_client.rest import NPY_CONTENT_TYPE, RestClient
 from mnist_client.retry import NO_RETRIES
+from tests.rest_helpers import gunicorn
 
-REPO = Path(__file__).resolve().parents[1]
 MIN_ACCURACY = 0.8  # the fixture models are quick-trained; chance is 0.1
 IMAGES = 200
 
 pytestmark = pytest.mark.slow
 
 
-class Gunicorn:
-    """The PyTorch REST server as deployed: gunicorn with serving/torch_server/gunicorn_conf.py."""
+# The deployed server's settings for these tests: one worker, batches up to 256 images, no access log.
+REST_SETTINGS = {"MNIST_REST_WORKERS": "1", "MNIST_REST_MAX_BATCH": "256", "MNIST_REST_ACCESS_LOG": "off"}
 
-    def __init__(self, models_root: Path, log_path: Path, **env: str) -> None:
-        self.port = free_port()
-        environment = {
-            **os.environ,
-            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'clients'}",
-            "MNIST_REST_HOST": "127.0.0.1",
-            "MNIST_REST_PORT": str(self.port),
-            "MNIST_REST_WORKERS": "1",
-            "MNIST_REST_MODEL_BASE_PATH": str(models_root / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME),
-            "MNIST_REST_MAX_BATCH": "256",
-            "MNIST_REST_DEVICE": "cpu",
-            "MNIST_REST_ACCESS_LOG": "off",
-            **env,
-        }
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                str(REPO / "serving/torch_server/gunicorn_conf.py"),
-                "serving.torch_server.app:create_app()",
-            ],
-            cwd=REPO,
-            env=environment,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        scheme = "https" if "MNIST_REST_TLS_CERT" in env else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log.close()
+def torch_base(models_root: Path) -> Path:
+    return models_root / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +46,8 @@ def mnist_images(test_images) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def rest_server(model_repo, tmp_path_factory):
-    server = Gunicorn(model_repo, tmp_path_factory.mktemp("gunicorn") / "server.log")
-    try:
-        with RestClient(server.url) as client:
-            try:
-                client.wait_until_ready(timeout=90)
-            except Exception:
-                pytest.fail(f"the REST server did not get ready:\n{server.log()}")
+    with gunicorn(torch_base(model_repo), tmp_path_factory.mktemp("gunicorn"), **REST_SETTINGS) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # -- PyTorch REST server ----------------------------------------------------------------------------------
@@ -190,19 +136,17 @@ def tls_files(tmp_path_factory) -> dict[str, Path]:
 
 def test_rest_https_and_bearer_token_against_the_real_server(model_repo, tls_files, mnist_images, tmp_path):
     images, _ = mnist_images
-    server = Gunicorn(
-        model_repo,
-        tmp_path / "tls.log",
+    with gunicorn(
+        torch_base(model_repo),
+        tmp_path,
+        ca_file=tls_files["ca"],  # ready: its /readyz answered over HTTPS, verified with this CA
+        **REST_SETTINGS,
         MNIST_REST_TLS_CERT=str(tls_files["cert"]),
         MNIST_REST_TLS_KEY=str(tls_files["key"]),
         MNIST_REST_AUTH_TOKEN="integration-token",
-    )
-    try:
+    ) as server:
+        assert server.url.startswith("https://")
         with RestClient(server.url, ca_file=tls_files["ca"], token="integration-token") as client:
-            try:
-                client.wait_until_ready(timeout=90)
-            except Exception:
-                pytest.fail(f"the HTTPS REST server did not get ready:\n{server.log()}")
             assert client.predict(images[:4]).model_version == 1
             assert client.metadata().matches_contract()
         with RestClient(server.url, ca_file=tls_files["ca"]) as client:
@@ -210,8 +154,6 @@ def test_rest_https_and_bearer_token_against_the_real_server(model_repo, tls_fil
             with pytest.raises(ServerError) as caught:
                 client.predict(images[:1])
         assert caught.value.status == 401 and "token" in caught.value.server_message
-    finally:
-        server.stop()
 
 
 # -- TF Serving stand-in (gRPC) ---------------------------------------------------------------------------

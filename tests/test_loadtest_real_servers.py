@@ -4,22 +4,14 @@ stand-in, both serving the quick-trained fixture models (tests/conftest.py ``mod
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from mnist_client import contract
 from mnist_client.loadtest import LoadTestConfig, load_report, parse_target, run
 from mnist_client.loadtest.cli import EXIT_OK, main
-from tests.conftest import free_port
+from tests.rest_helpers import gunicorn
 
-REPO = Path(__file__).resolve().parent.parent
 MIN_ACCURACY = 0.8  # quick-trained fixture models; chance is 0.1
 DISTINCT = 200
 
@@ -29,45 +21,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def rest_url(model_repo, tmp_path_factory):
     """The PyTorch REST server as deployed: gunicorn with its config file, one sync worker."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("gunicorn") / "server.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'clients'}",
-        "MNIST_REST_HOST": "127.0.0.1",
-        "MNIST_REST_PORT": str(port),
-        "MNIST_REST_WORKERS": "1",
-        "MNIST_REST_MODEL_BASE_PATH": str(model_repo / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME),
-        "MNIST_REST_DEVICE": "cpu",
-        "MNIST_REST_ACCESS_LOG": "off",
-    }
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(REPO / "serving/torch_server/gunicorn_conf.py"),
-             "serving.torch_server.app:create_app()"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert process.poll() is None, log_path.read_text(errors="replace")[-2000:]
-                try:
-                    with urllib.request.urlopen(f"{url}/readyz", timeout=1) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "REST server not ready in 120 s"
-                time.sleep(0.2)
-            yield url
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+    base = model_repo / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME
+    with gunicorn(base, tmp_path_factory.mktemp("gunicorn"), MNIST_REST_WORKERS="1",
+                  MNIST_REST_ACCESS_LOG="off") as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,14 +36,12 @@ import requests
 
 from call_load import Load
 from mnist_client import contract
-from tests.conftest import free_port
-from tests.test_rest_gunicorn import PREDICT, Gunicorn, scrape
-from tests.test_standin_support import Stubs, tf_base_path, wait_for
+from tests.rest_helpers import PREDICT, Gunicorn, gunicorn, scrape
+from tests.standin_helpers import Stubs, standin_process, tf_base_path, wait_for
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 CLIENT_THREADS = 4
 ACCESS_200 = re.compile(r'"POST /v1/models/mnist:predict HTTP/1\.1" 200 ')
 ACCESS_OTHER = re.compile(r'"POST /v1/models/mnist:predict HTTP/1\.1" (?!200 )\d{3} ')
@@ -78,22 +74,18 @@ def body(test_images: tuple[np.ndarray, np.ndarray]) -> dict:
     return {"instances": test_images[0][:4].tolist()}
 
 
-@pytest.fixture
-def gunicorn(torch_base: Path, tmp_path: Path) -> Iterator[Gunicorn]:
-    server = Gunicorn(torch_base, tmp_path / "gunicorn.log")
-    try:
-        server.wait_ready()
+@pytest.fixture(name="gunicorn")
+def gunicorn_server(torch_base: Path, tmp_path: Path) -> Iterator[Gunicorn]:
+    with gunicorn(torch_base, tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_sigterm_to_gunicorn_under_load_loses_no_accepted_request(gunicorn: Gunicorn, body: dict) -> None:
     with Load(rest_call(gunicorn.url, body), threads=CLIENT_THREADS) as load:
         wait_for(lambda: load.count() >= 40, what="40 answered requests before the signal")
         signalled = time.monotonic()
-        gunicorn.process.send_signal(signal.SIGTERM)
-        exit_code = gunicorn.process.wait(60)
+        gunicorn.send_signal(signal.SIGTERM)
+        exit_code = gunicorn.wait(60)
         exited = time.monotonic()
         wait_for(lambda: load.count(None, after=exited) >= CLIENT_THREADS, what="calls to meet the closed port")
     server_log = gunicorn.log_path.read_text(errors="replace")
@@ -157,15 +149,6 @@ def test_sigterm_to_the_standin_under_load_loses_no_accepted_call(
     batching = tmp_path / "batching.txt"  # calls wait up to 100 ms for company: always some in flight
     batching.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 100000 }\n"
                         "num_batch_threads { value: 2 }\n")
-    port = free_port()
-    command = [
-        sys.executable, "-m", "serving.tfs_standin", f"--port={port}", "--standin_host=127.0.0.1",
-        f"--model_name={contract.MODEL_NAME}", f"--model_base_path={base}",
-        "--enable_batching", f"--batching_parameters_file={batching}",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stubs = Stubs(f"127.0.0.1:{port}")
     image = test_images[0][:1]
 
     def call() -> str:
@@ -176,26 +159,20 @@ def test_sigterm_to_the_standin_under_load_loses_no_accepted_call(
         return "ok"
 
     threads = 2 * CLIENT_THREADS
-    try:
-        def loaded() -> bool:
-            try:
-                return any(s.state == 30 for s in stubs.status())  # AVAILABLE
-            except grpc.RpcError:
-                return False
-
-        wait_for(loaded, timeout=90, what="the stand-in to load the model")
-        with Load(call, threads=threads) as load:
-            wait_for(lambda: load.count() >= 40, what="40 answered calls before the signal")
-            signalled = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            exit_code = process.wait(60)
-            exited = time.monotonic()
-            wait_for(lambda: load.count(None, after=exited) >= threads, what="calls to meet the closed port")
-    finally:
-        stubs.close()
-        if process.poll() is None:
-            process.kill()
-        output = process.communicate(timeout=30)[0]
+    with standin_process(base, tmp_path, "--enable_batching", f"--batching_parameters_file={batching}") as server:
+        assert server.grpc_target is not None
+        stubs = Stubs(server.grpc_target)
+        try:
+            with Load(call, threads=threads) as load:
+                wait_for(lambda: load.count() >= 40, what="40 answered calls before the signal")
+                signalled = time.monotonic()
+                server.send_signal(signal.SIGTERM)
+                exit_code = server.wait(60)
+                exited = time.monotonic()
+                wait_for(lambda: load.count(None, after=exited) >= threads, what="calls to meet the closed port")
+        finally:
+            stubs.close()
+    output = server.log_path.read_text(errors="replace")
     in_flight_answered = sum(1 for o in load.outcomes if o.started < signalled < o.ended and o.result == "ok")
     refused_before = [o for o in load.outcomes if o.result != "ok" and o.started < signalled]
     log.info("FIGURES stand-in SIGTERM under %d threads: %d calls answered, %d of them in flight at the signal, "

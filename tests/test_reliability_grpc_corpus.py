@@ -25,7 +25,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 from mnist_client import contract
 from serving.tfs_standin.flags import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
 from serving.tfs_standin.predict import MAX_FILLED_TENSOR_BYTES
-from tests.test_standin_support import (
+from tests.standin_helpers import (
     Stubs,
     expected_outputs,
     outputs,

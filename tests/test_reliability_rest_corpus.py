@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from mnist_client import contract
-from tests.test_rest_gunicorn import PREDICT, Gunicorn, in_process, npy
+from tests.rest_helpers import PREDICT, Gunicorn, gunicorn, in_process, npy
 
 pytestmark = pytest.mark.slow
 
@@ -202,14 +202,9 @@ def base(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    log_path = tmp_path_factory.mktemp("reliability-rest-log") / "server.log"
-    server = Gunicorn(base, log_path, MNIST_REST_MAX_BATCH=str(MAX_BATCH),
-                      MNIST_REST_MAX_BODY_BYTES=str(MAX_BODY_BYTES), MNIST_REST_ACCESS_LOG="off")
-    try:
-        server.wait_ready()
+    with gunicorn(base, tmp_path_factory.mktemp("reliability-rest-run"), MNIST_REST_MAX_BATCH=str(MAX_BATCH),
+                  MNIST_REST_MAX_BODY_BYTES=str(MAX_BODY_BYTES), MNIST_REST_ACCESS_LOG="off") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def send(url: str, case: Case) -> requests.Response:
@@ -288,6 +283,6 @@ def test_after_the_corpus_the_same_workers_answer_correctly(server: Gunicorn, ba
         np.testing.assert_allclose([p["probabilities"] for p in response.json()["predictions"]], probabilities,
                                    atol=1e-6)
     assert server.worker_pids() == workers, "a worker died and was replaced during the corpus"
-    assert server.process.poll() is None
+    assert server.running()
     whole_log = server.log(tail=None)  # all of it: an early traceback must not scroll out of view
     assert "Traceback" not in whole_log and "unhandled error" not in whole_log

@@ -8,17 +8,15 @@ bearer token.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,95 +24,16 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
 from mnist_client import contract
 from serving.model_repository import publish_version
-from training.model_torch import predict_numpy
+from stack.processes import StackError
+from tests.rest_helpers import PREDICT, Gunicorn, gunicorn, in_process, npy, predict, scrape, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "serving" / "torch_server" / "gunicorn_conf.py"
-PREDICT = "/v1/models/mnist:predict"
 # e.g. 127.0.0.1 [29/Nov/2026:21:30:58 +0000] "POST /v1/models/mnist:predict HTTP/1.1" 200 303 2ms pid=<14903> "..."
 ACCESS_LINE = re.compile(r'"POST /v1/models/mnist:predict HTTP/1\.1" 200 \d+ \d+ms pid=<(?P<pid>\d+)>')
 
 pytestmark = pytest.mark.slow
-
-
-class Gunicorn:
-    """gunicorn running the app in a subprocess; ``stop()`` sends SIGTERM and waits."""
-
-    def __init__(self, base_path: Path, log_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        scheme = "https" if "MNIST_REST_TLS_CERT" in env else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        environment = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "MNIST_REST_HOST": "127.0.0.1",
-            "MNIST_REST_PORT": str(self.port),
-            "MNIST_REST_WORKERS": "2",
-            "MNIST_REST_MODEL_BASE_PATH": str(base_path),
-            "MNIST_REST_POLL_SECONDS": "0.2",
-            "MNIST_REST_DEVICE": "cpu",
-            **env,
-        }
-        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(CONF), "serving.torch_server.app:create_app()"],
-            cwd=REPO,
-            env=environment,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 120.0, **request_args: Any) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=2, **request_args).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"gunicorn not ready within {timeout} s:\n{self.log()}")
-
-    def wait_all_workers_ready(self, workers: int, timeout: float = 120.0) -> None:
-        """/readyz answers once one worker is up; wait until ``workers`` workers have loaded the model."""
-
-        def loaded() -> set[int]:
-            return {int(s.labels["pid"]) for s in scrape(self.url) if s.name == "mnist_rest_model_version" and s.value}
-
-        wait_until(lambda: len(loaded()) == workers and loaded() == self.worker_pids(), timeout)
-
-    def worker_pids(self) -> set[int]:
-        import psutil
-
-        return {child.pid for child in psutil.Process(self.process.pid).children()}
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
-
-    def log(self, tail: int | None = 4000) -> str:
-        """The server's output: its last ``tail`` characters (enough for a failure message), or all of it."""
-        if not self._log.closed:
-            self._log.flush()
-        text = self.log_path.read_text(errors="replace")
-        return text if tail is None else text[-tail:]
 
 
 @pytest.fixture(scope="module")
@@ -126,39 +45,14 @@ def base(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    log_path = tmp_path_factory.mktemp("rest-gunicorn-log") / "server.log"
-    server = Gunicorn(base, log_path, MNIST_REST_MAX_BODY_BYTES="1048576")
-    try:
-        server.wait_ready()
+    with gunicorn(base, tmp_path_factory.mktemp("rest-gunicorn-run"), MNIST_REST_MAX_BODY_BYTES="1048576") as server:
         server.wait_all_workers_ready(2)
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def images(test_images: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return test_images[0][:64]
-
-
-def in_process(base: Path, version: int, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    module = torch.jit.load(str(base / str(version) / contract.TORCHSCRIPT_FILENAME), map_location="cpu").eval()
-    return predict_numpy(module, images)
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def scrape(url: str) -> list[Any]:
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
-
-
-def predict(url: str, images: np.ndarray, timeout: float = 30.0) -> requests.Response:
-    return requests.post(f"{url}{PREDICT}", json={"instances": images.tolist()}, timeout=timeout)
 
 
 def publish_copy(base: Path, version: int) -> None:
@@ -247,13 +141,6 @@ def hammer(
     return versions, failures, workers
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        time.sleep(0.1)
-
-
 def test_version_swap_and_broken_version_under_load_fail_no_request(server, base, images):
     stop = threading.Event()
     versions, failures, workers = hammer(server.url, images, stop)
@@ -296,9 +183,7 @@ def status(url: str) -> list[dict[str, Any]]:
 
 
 def test_sigterm_finishes_requests_in_flight(base, tmp_path, mnist_test):
-    server = Gunicorn(base, tmp_path / "sigterm.log", MNIST_REST_WORKERS="3", MNIST_REST_ACCESS_LOG="off")
-    try:
-        server.wait_ready()
+    with gunicorn(base, tmp_path, MNIST_REST_WORKERS="3", MNIST_REST_ACCESS_LOG="off") as server:
         server.wait_all_workers_ready(3)
         big = npy(np.tile(mnist_test.images[:64], (16, 1, 1)))  # 1024 images: a long forward pass on a CPU
         with ThreadPoolExecutor(2) as pool:
@@ -318,13 +203,11 @@ def test_sigterm_finishes_requests_in_flight(base, tmp_path, mnist_test):
                 return any(s.name == "mnist_rest_in_flight_requests" and s.value >= 3 for s in samples)
 
             wait_until(both_in_flight, timeout=60)
-            server.process.send_signal(signal.SIGTERM)
+            server.send_signal(signal.SIGTERM)
             responses = [future.result() for future in futures]
         assert [r.status_code for r in responses] == [200, 200]
         assert all(len(r.json()["outputs"]["classes"]) == 1024 for r in responses)
-        assert server.process.wait(60) == 0
-    finally:
-        server.stop()
+        assert server.wait(60) == 0
 
 
 def test_a_killed_worker_is_replaced(server, images):
@@ -356,17 +239,16 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_https_with_bearer_token(base, tmp_path, tls_files, images):
-    server = Gunicorn(
+    verify = str(tls_files["cert"])
+    with gunicorn(
         base,
-        tmp_path / "tls.log",
+        tmp_path,
         MNIST_REST_WORKERS="1",
-        MNIST_REST_TLS_CERT=str(tls_files["cert"]),
+        MNIST_REST_TLS_CERT=verify,
         MNIST_REST_TLS_KEY=str(tls_files["key"]),
         MNIST_REST_AUTH_TOKEN="tls-test-token",
-    )
-    verify = str(tls_files["cert"])
-    try:
-        server.wait_ready(verify=verify)  # /readyz is open without the token
+    ) as server:  # ready: its /readyz answered over HTTPS, open without the token
+        assert server.url.startswith("https://")
         body = {"instances": images[:2].tolist()}
         denied = requests.post(f"{server.url}{PREDICT}", json=body, verify=verify, timeout=10)
         assert denied.status_code == 401 and denied.headers["WWW-Authenticate"].startswith("Bearer")
@@ -380,14 +262,12 @@ def test_https_with_bearer_token(base, tmp_path, tls_files, images):
         assert allowed.status_code == 200 and len(allowed.json()["predictions"]) == 2
         with pytest.raises(requests.ConnectionError):  # plain HTTP on the TLS port
             requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=10)
-    finally:
-        assert server.stop() == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
 
 
 def test_bad_settings_stop_the_server_at_start_with_a_clear_message(base, tmp_path):
-    server = Gunicorn(base, tmp_path / "bad.log", MNIST_REST_MAX_BATCH="many")
-    try:
-        assert server.process.wait(60) != 0
-    finally:
-        server.stop()
-    assert "MNIST_REST_MAX_BATCH='many': expected an integer" in server.log()
+    with pytest.raises(StackError, match="exited with status [1-9]") as caught:
+        with gunicorn(base, tmp_path, MNIST_REST_MAX_BATCH="many"):
+            pass
+    assert "MNIST_REST_MAX_BATCH='many': expected an integer" in str(caught.value)

@@ -22,7 +22,7 @@ import requests
 import torch
 
 from mnist_client import contract
-from tests.test_rest_gunicorn import PREDICT, Gunicorn, predict, scrape
+from tests.rest_helpers import PREDICT, Gunicorn, gunicorn, predict, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +62,8 @@ def exploding_base(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def server(exploding_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    server = Gunicorn(exploding_base, tmp_path_factory.mktemp("rest-guards-log") / "gunicorn.log",
-                      MNIST_REST_WORKERS="1")
-    try:
-        server.wait_ready()
+    with gunicorn(exploding_base, tmp_path_factory.mktemp("rest-guards-run"), MNIST_REST_WORKERS="1") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def requests_counted(url: str, **labels: str) -> float:

@@ -21,13 +21,11 @@ from bench.slow_clients import (
     HEALTH_PATHS, check_server, grpc_round, harm, pool_rounds, rest_round, slow_grpc_clients, slow_rest_clients,
 )
 from mnist_client import contract
-from mnist_client.rest import RestClient
 from serving.torch_server.config import ConfigError
 from serving.torch_server.proxy import find_nginx
-from stack.config import REPO_ROOT
+from stack.config import REPO_ROOT, free_port_config
 from stack.processes import ManagedProcess, free_port
-from stack.servers import RunningStack, running_stack
-from tests.local_stack import free_port_config
+from stack.servers import RunningStack, Server, running_stack
 
 try:
     find_nginx()
@@ -92,16 +90,13 @@ def test_the_rest_container_command_holds_up_and_stops_cleanly(model_repo: Path,
         "MNIST_REST_MODEL_BASE_PATH": str(model_repo / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME),
         "PYTHONPATH": str(REPO_ROOT),
     }  # fmt: skip
-    front = ManagedProcess("REST container command", [sys.executable, "-m", "serving.torch_server.front"],
-                           tmp_path / "front.log", env)
+    # The container's own entry point (it starts gunicorn and nginx itself), watched as a launcher's Server.
     url = f"http://127.0.0.1:{port}"
+    front = Server(ManagedProcess("REST container command", [sys.executable, "-m", "serving.torch_server.front"],
+                                  tmp_path / "front.log", env), None, rest_url=url)
     front.start()
     try:
-        def ready() -> bool:
-            with RestClient(url, timeout=2.0) as client:
-                return client.ready()
-
-        front.wait_ready(ready, 180)
+        front.wait_ready(timeout_s=180)
         problems = check_server(lambda: rest_round(url, CALLS), lambda: slow_rest_clients(url, PER_KIND))
         assert not problems, problems
     finally:

@@ -18,7 +18,7 @@ from serving.tfs_standin import status
 from serving.tfs_standin.batching import QUEUE_FULL_MESSAGE, BatchScheduler
 from serving.tfs_standin.config import BatchingOptions, ConfigError
 from serving.tfs_standin.servable import Signature, TensorSpec
-from tests.test_standin_support import (
+from tests.standin_helpers import (
     outputs,
     running,
     server_options,

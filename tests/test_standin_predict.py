@@ -18,7 +18,7 @@ from tensorflow_serving.apis import (
 )
 
 from mnist_client import contract
-from tests.test_standin_support import (
+from tests.standin_helpers import (
     Stubs,
     expected_outputs,
     outputs,

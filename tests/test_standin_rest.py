@@ -10,15 +10,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -30,19 +28,18 @@ from mnist_client.loadtest.cli import EXIT_OK, main
 from mnist_client.rest import RestClient
 from serving.tfs_standin.flags import ServerOptions
 from serving.tfs_standin.server import ModelServer, ServerStartError
-from tests.conftest import free_port
-from tests.test_standin_support import (
+from stack.processes import free_port
+from tests.standin_helpers import (
     copy_version,
     expected_outputs,
     outputs,
     running,
     server_options,
+    standin_process,
     stubs_for,
     tf_base_path,
     wait_for,
 )
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 1 << 20  # the module server's --standin_rest_max_body_bytes
 PREDICT = f"/v1/models/{contract.MODEL_NAME}:predict"
 
@@ -424,23 +421,13 @@ def test_a_taken_rest_port_fails_the_start(model_dir: Path) -> None:
         server.stop(grace=0)
 
 
-def test_sigterm_stops_grpc_and_rest_cleanly(model_dir: Path) -> None:
-    grpc_port, rest_port = free_port(), free_port()
-    command = [
-        sys.executable, "-m", "serving.tfs_standin", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-        "--standin_host=127.0.0.1", f"--model_name={contract.MODEL_NAME}", f"--model_base_path={model_dir}",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    try:
-        with RestClient(f"http://127.0.0.1:{rest_port}", timeout=10) as client:
-            client.wait_until_ready(timeout=120)
-        process.send_signal(signal.SIGTERM)
-        exit_code = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log = process.communicate(timeout=30)[0]
+def test_sigterm_stops_grpc_and_rest_cleanly(model_dir: Path, tmp_path: Path) -> None:
+    with standin_process(model_dir, tmp_path, rest_api=True) as server:  # ready: gRPC and REST answer
+        assert server.rest_url is not None
+        rest_port = urlsplit(server.rest_url).port
+        server.send_signal(signal.SIGTERM)
+        exit_code = server.wait(60)
+    log = server.log_path.read_text(errors="replace")
     assert exit_code == 0, log
     assert f"REST API on 127.0.0.1:{rest_port}" in log
     assert "received SIGTERM" in log and log.rstrip().endswith("stopped"), log

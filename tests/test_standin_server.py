@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,18 +20,17 @@ from mnist_client import contract
 from serving.tfs_standin.batching import QUEUE_FULL_MESSAGE
 from serving.tfs_standin.flags import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, ServerOptions
 from serving.tfs_standin.server import ModelServer, ServerStartError, channel_arguments
-from tests.conftest import free_port
-from tests.test_standin_support import (
+from tests.standin_helpers import (
     Stubs,
     outputs,
     running,
     server_options,
+    standin_process,
     stubs_for,
     tf_model_copy,  # noqa: F401 - fixture
     wait_for,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # A batch waits this long for company: it keeps calls in flight while the server stops under them (the tests
 # wait for the calls to be queued, observed, before stopping; this only has to stay below the stop's grace).
 SLOW_BATCH_SECONDS = 3.0
@@ -118,39 +115,24 @@ def test_sigterm_lets_an_in_flight_call_finish_and_exits_cleanly(
     batching = tmp_path / "probe_batching.txt"
     batching.write_text(f"max_batch_size {{ value: {PROBE_IMAGES} }}\nbatch_timeout_micros {{ value: {int(SLOW_BATCH_SECONDS * 1e6)} }}\n"
                         "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 1 }\n")
-    port = free_port()
-    command = [
-        sys.executable, "-m", "serving.tfs_standin", f"--port={port}", "--standin_host=127.0.0.1",
-        f"--model_name={contract.MODEL_NAME}", f"--model_base_path={tf_model_copy}",
-        "--enable_batching", f"--batching_parameters_file={batching}",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    stubs = Stubs(f"127.0.0.1:{port}")
-    try:
-        def loaded() -> bool:
-            try:
-                return any(s.state == 30 for s in stubs.status())
-            except grpc.RpcError:
-                return False
-
-        wait_for(loaded, timeout=90, what="the stand-in process to load the model")
-        with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(stubs.predict, images[:1], timeout=SAFETY_S)
-            deadline = time.monotonic() + SAFETY_S
-            while not _queue_is_full(stubs, images[:PROBE_IMAGES]):
-                if in_flight.done():  # answered before it was seen waiting, or refused behind a probe: again
-                    in_flight = pool.submit(stubs.predict, images[:1], timeout=SAFETY_S)
-                assert time.monotonic() < deadline, "the call was never seen waiting in the batch"
-            process.send_signal(signal.SIGTERM)
-            answer = in_flight.result(timeout=SAFETY_S)
-        exit_code = process.wait(timeout=SAFETY_S)
-    finally:
-        stubs.close()
-        if process.poll() is None:
-            process.kill()
-        log = process.communicate(timeout=30)[0]
+    flags = ("--enable_batching", f"--batching_parameters_file={batching}")
+    with standin_process(tf_model_copy, tmp_path, *flags) as server:  # ready: the model is AVAILABLE
+        assert server.grpc_target is not None
+        stubs = Stubs(server.grpc_target)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                in_flight = pool.submit(stubs.predict, images[:1], timeout=SAFETY_S)
+                deadline = time.monotonic() + SAFETY_S
+                while not _queue_is_full(stubs, images[:PROBE_IMAGES]):
+                    if in_flight.done():  # answered before it was seen waiting, or refused behind a probe: again
+                        in_flight = pool.submit(stubs.predict, images[:1], timeout=SAFETY_S)
+                    assert time.monotonic() < deadline, "the call was never seen waiting in the batch"
+                server.send_signal(signal.SIGTERM)
+                answer = in_flight.result(timeout=SAFETY_S)
+            exit_code = server.wait(SAFETY_S)
+        finally:
+            stubs.close()
+    log = server.log_path.read_text(errors="replace")
     assert answer.model_spec.version.value == 1, log
     assert exit_code == 0, log
     assert "received SIGTERM" in log

@@ -18,7 +18,7 @@ from mnist_client import contract
 from serving.tfs_standin import predict as predict_module
 from serving.tfs_standin import status
 from serving.tfs_standin.server import ModelServer
-from tests.test_standin_support import (
+from tests.standin_helpers import (
     Stubs,
     outputs,
     standin_server,  # noqa: F401 - fixture

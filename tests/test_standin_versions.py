@@ -15,7 +15,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from call_load import Load
 from mnist_client import contract
-from tests.test_standin_support import (
+from tests.standin_helpers import (
     Stubs,
     copy_version,
     outputs,

@@ -21,7 +21,7 @@ from serving.tfs_standin.config import (
     load_monitoring_config,
 )
 from serving.tfs_standin.flags import ServerOptions, tensorflow_model_server_flags
-from tests.test_standin_support import outputs, running, server_options, stubs_for, tf_base_path
+from tests.standin_helpers import outputs, running, server_options, stubs_for, tf_base_path
 from training.model_tf import WARMUP_BATCH_SIZES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,12 +1,15 @@
 """Shared fixtures and helpers for the TF Serving stand-in tests (no tests here).
 
-Servers run in-process on 127.0.0.1 with an ephemeral port and are talked to
-through the official tensorflow-serving-api stubs, as any TF Serving client would.
+Servers run in-process on 127.0.0.1 with an ephemeral port (``running``), or, where a test needs the
+process itself (signals, exit status, its log), as ``python -m serving.tfs_standin`` started by the
+project's one launcher (``standin_process``: stack.servers.running_server). They are talked to through
+the official tensorflow-serving-api stubs, as any TF Serving client would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +31,8 @@ from mnist_client import contract
 from serving.model_repository import model_base_path, publish_version
 from serving.tfs_standin.flags import ServerOptions
 from serving.tfs_standin.server import ModelServer
+from stack.config import free_port_config
+from stack.servers import Server, running_server
 
 # Fast reloads for tests: poll the base path often, never wait long between load retries.
 FAST = {"file_system_poll_wait_seconds": 1, "max_num_load_retries": 0, "load_retry_interval_micros": 0}
@@ -59,6 +64,18 @@ def running(options: ServerOptions, wait: bool = True) -> Iterator[ModelServer]:
         yield server
     finally:
         server.stop(grace=5)
+
+
+@contextlib.contextmanager
+def standin_process(base_path: Path, folder: Path, *flags: str, rest_api: bool = False) -> Iterator[Server]:
+    """``python -m serving.tfs_standin`` serving ``base_path`` on free ports, its log under ``folder``,
+    ready for the block (the model AVAILABLE) and stopped after. ``flags``: more of TF Serving's flags.
+    ``rest_api``: also its REST API (``server.rest_url``), else gRPC alone (``server.grpc_target``)."""
+    config = free_port_config(base_path.parent, folder, ready_timeout_s=120)
+    if not rest_api:
+        config = dataclasses.replace(config, tfs_rest_port=0)
+    with running_server(config, "tf", flags=[f"--model_base_path={base_path}", *flags], proxy=False) as server:
+        yield server
 
 
 class Stubs:
