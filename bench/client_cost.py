@@ -65,26 +65,31 @@ def _p50_ms(latencies_s: list[float]) -> float:
     return statistics.median(latencies_s) * 1e3
 
 
-def engine_round(engine: HttpEngine | GrpcEngine, calls: int) -> float:
-    """p50 (ms) of ``calls`` sequential single-image calls by the load tester's engine (one slot, closed loop)."""
+def engine_round(engine: HttpEngine | GrpcEngine, calls: int) -> tuple[float, float]:
+    """p50 (ms) of ``calls`` sequential single-image calls by the load tester's engine (one slot, closed
+    loop), and this process's CPU time per call (ms)."""
     batches: list[RecordBatch] = []
+    cpu_started = time.process_time()
     engine.run(ClosedLoop(requests=calls), 1, 0, RecordSink(0, batches.append), record_lag=False)
+    cpu_ms = (time.process_time() - cpu_started) * 1e3 / calls
     latencies_us = [us for batch in batches for us in batch.ok_latencies_us]
     errors = [error for batch in batches for error in batch.errors]
     if errors or len(latencies_us) != calls:
         raise RuntimeError(f"the engine's calls failed ({len(errors)} of {calls}): {errors[:1]}")
-    return statistics.median(latencies_us) / 1e3
+    return statistics.median(latencies_us) / 1e3, cpu_ms
 
 
-def client_round(predict: Callable[[np.ndarray], object], images: np.ndarray, calls: int) -> float:
-    """p50 (ms) of ``calls`` sequential ``predict(image)`` calls, one [28, 28] image each."""
+def client_round(predict: Callable[[np.ndarray], object], images: np.ndarray, calls: int) -> tuple[float, float]:
+    """p50 (ms) of ``calls`` sequential ``predict(image)`` calls, one [28, 28] image each, and this
+    process's CPU time per call (ms)."""
     latencies = []
+    cpu_started = time.process_time()
     for i in range(calls):
         image = images[i % len(images)]
         started = time.perf_counter()
         predict(image)
         latencies.append(time.perf_counter() - started)
-    return _p50_ms(latencies)
+    return _p50_ms(latencies), (time.process_time() - cpu_started) * 1e3 / calls
 
 
 def _engine_and_client(pair: str, server, images: np.ndarray) -> tuple[HttpEngine | GrpcEngine, RestClient | GrpcClient]:
@@ -104,16 +109,17 @@ def measure_pair(pair: str, server, images: dict[str, np.ndarray], rounds: int, 
     """Engine and client in alternating rounds, for each input type; p50s per round and their medians."""
     engine, client = _engine_and_client(pair, server, images["uint8"])
     try:
-        for name in INPUTS:  # warm-up: connections open, code paths and the server's model warm
-            client_round(client.predict, images[name], warmup)
-        engine_round(engine, warmup)
+        if warmup:  # connections open, code paths and the server's model warm
+            for name in INPUTS:
+                client_round(client.predict, images[name], warmup)
+            engine_round(engine, warmup)
         results = {}
         for name in INPUTS:
-            engine_p50s, client_p50s = [], []
+            engine_rounds, client_rounds = [], []
             for _ in range(rounds):
-                engine_p50s.append(engine_round(engine, calls))
-                client_p50s.append(client_round(client.predict, images[name], calls))
-            results[name] = _summary(engine_p50s, client_p50s)
+                engine_rounds.append(engine_round(engine, calls))
+                client_rounds.append(client_round(client.predict, images[name], calls))
+            results[name] = _summary(engine_rounds, client_rounds)
             log.info("%s %s: engine p50 %.3f ms, client p50 %.3f ms", pair, name,
                      results[name]["engine_p50_ms"], results[name]["client_p50_ms"])
         return results
@@ -123,10 +129,16 @@ def measure_pair(pair: str, server, images: dict[str, np.ndarray], rounds: int, 
             engine.close()
 
 
-def _summary(engine_p50s: list[float], client_p50s: list[float]) -> dict:
+def _summary(engine_rounds: list[tuple[float, float]], client_rounds: list[tuple[float, float]]) -> dict:
+    """Medians over rounds of each side's p50 and CPU per call; the verdict compares the p50 medians."""
+    engine_p50s, engine_cpu = [r[0] for r in engine_rounds], [r[1] for r in engine_rounds]
+    client_p50s, client_cpu = [r[0] for r in client_rounds], [r[1] for r in client_rounds]
     engine_ms, client_ms = statistics.median(engine_p50s), statistics.median(client_p50s)
     extra = client_ms - engine_ms
     return {
+        # This process's CPU per call (the servers run in their own): steadier than latency on a busy machine.
+        "engine_cpu_ms_per_call": round(statistics.median(engine_cpu), 3),
+        "client_cpu_ms_per_call": round(statistics.median(client_cpu), 3),
         "engine_p50_ms": round(engine_ms, 3),
         "client_p50_ms": round(client_ms, 3),
         "client_minus_engine_ms": round(extra, 3),
@@ -150,14 +162,15 @@ def table(result: dict) -> str:
         f"client predict against the load tester's engine, one image per call, concurrency 1 "
         f"({result['rounds']} rounds x {result['calls']} calls; p50 medians over rounds)",
         f"{'target (client)':<28} {'input':<8} {'engine ms':>9} {'client ms':>9} {'extra ms':>8} {'rounds min..max extra':>22}"
-        f"  vs <= {TARGET_MS} ms",
+        f"  {'vs <= ' + str(TARGET_MS) + ' ms':<13} CPU ms/call engine, client",
     ]
     for pair, data in result["pairs"].items():
         for name, row in data["inputs"].items():
             spread = row["round_differences_ms"]
             lines.append(
                 f"{pair + (' (RestClient)' if 'rest' in pair else ' (GrpcClient)'):<28} {name:<8} {row['engine_p50_ms']:>9.3f} {row['client_p50_ms']:>9.3f} "
-                f"{row['client_minus_engine_ms']:>8.3f} {min(spread):>10.3f} .. {max(spread):>7.3f}  {row['verdict']}"
+                f"{row['client_minus_engine_ms']:>8.3f} {min(spread):>10.3f} .. {max(spread):>7.3f}  {row['verdict']:<13} "
+                f"{row['engine_cpu_ms_per_call']:.3f}, {row['client_cpu_ms_per_call']:.3f}"
             )
     lines += [f"{pair}: {data['served_by']}" for pair, data in result["pairs"].items()]
     lines.append(f"load average (1 min) at the end: {result['load_average_1min']}")
