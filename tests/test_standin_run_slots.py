@@ -1,4 +1,5 @@
-"""Model runs in arrival order (--standin_model_run_slots): the slots themselves, the flag, a live server."""
+"""The stand-in's tail settings: model runs in arrival order (--standin_model_run_slots: the slots, the flag,
+a live server) and TensorFlow's thread spinning, off unless --standin_tensorflow_thread_spinning."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from mnist_client.cpus import usable_cpus
+from serving.tfs_standin.core import session_options
 from serving.tfs_standin.flags import FlagError, ServerOptions, parse_flags
 from serving.tfs_standin.predict import DirectRunner
 from serving.tfs_standin.run_slots import RunSlots
@@ -101,15 +102,35 @@ def test_slots_need_at_least_one(count: int) -> None:
         RunSlots(count)
 
 
-def test_the_flag_defaults_to_one_slot_per_core_and_minus_one_turns_the_limit_off(tmp_path: Path) -> None:
+def test_the_run_slots_flag_is_off_by_default_and_takes_a_count(tmp_path: Path) -> None:
     base = f"--model_base_path={tmp_path}"
     assert parse_flags([base]).standin_model_run_slots == ServerOptions().standin_model_run_slots == 0
     assert parse_flags([base, "--standin_model_run_slots=3"]).standin_model_run_slots == 3
-    assert parse_flags([base, "--standin_model_run_slots=-1"]).standin_model_run_slots == -1
-    with pytest.raises(FlagError, match="--standin_model_run_slots=-2: must be at least -1"):
-        parse_flags([base, "--standin_model_run_slots=-2"])
+    with pytest.raises(FlagError, match="--standin_model_run_slots=-1: must be at least 0"):
+        parse_flags([base, "--standin_model_run_slots=-1"])
     with pytest.raises(FlagError, match="expected an integer"):
         parse_flags([base, "--standin_model_run_slots=many"])
+
+
+def test_thread_spinning_is_off_unless_asked_for(tmp_path: Path) -> None:
+    base = f"--model_base_path={tmp_path}"
+    assert session_options(parse_flags([base])).config_proto().experimental.disable_thread_spinning
+    spinning = session_options(parse_flags([base, "--standin_tensorflow_thread_spinning=true"]))
+    assert not spinning.config_proto().experimental.disable_thread_spinning
+    # The flag leaves the rest of the session configuration as it was.
+    pools = parse_flags([base, "--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=3"])
+    config = session_options(pools).config_proto()
+    assert (config.intra_op_parallelism_threads, config.inter_op_parallelism_threads) == (1, 3)
+
+
+def test_a_session_config_file_cannot_turn_spinning_back_on_without_the_flag(tmp_path: Path) -> None:
+    # ConfigProto is proto3: "disable_thread_spinning: false" in a file reads as unset, so only the flag restores it.
+    config_file = tmp_path / "session.config"
+    config_file.write_text("experimental { disable_thread_spinning: false }\nallow_soft_placement: true\n")
+    base = [f"--model_base_path={tmp_path}", f"--tensorflow_session_config_file={config_file}"]
+    assert session_options(parse_flags(base)).config_proto().experimental.disable_thread_spinning
+    restored = parse_flags([*base, "--standin_tensorflow_thread_spinning"])
+    assert not session_options(restored).config_proto().experimental.disable_thread_spinning
 
 
 def _runner(server: object) -> DirectRunner:
@@ -119,11 +140,10 @@ def _runner(server: object) -> DirectRunner:
 
 
 def test_a_server_builds_the_slots_its_flag_asks_for(tf_model_copy: Path) -> None:  # noqa: F811
-    for flag, expected in ((0, usable_cpus()), (3, 3)):
-        with running(server_options(tf_model_copy, standin_model_run_slots=flag), wait=False) as server:
-            slots = _runner(server).slots
-            assert slots is not None and slots.slots == expected
-    with running(server_options(tf_model_copy, standin_model_run_slots=-1), wait=False) as server:
+    with running(server_options(tf_model_copy, standin_model_run_slots=3), wait=False) as server:
+        slots = _runner(server).slots
+        assert slots is not None and slots.slots == 3
+    with running(server_options(tf_model_copy), wait=False) as server:
         assert _runner(server).slots is None
 
 

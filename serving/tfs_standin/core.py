@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tensorflow_serving.apis import model_pb2
 
-from mnist_client.cpus import usable_cpus
 from serving.tfs_standin import status
 from serving.tfs_standin.batching import BatchScheduler
 from serving.tfs_standin.config import BatchingOptions, ModelConfig, load_session_config
@@ -40,14 +39,13 @@ def session_options(options: ServerOptions) -> SessionOptions:
         inter_op_threads=options.tensorflow_inter_op_parallelism or options.tensorflow_session_parallelism,
         tags=tags,
         base_config=base,
+        thread_spinning=options.standin_tensorflow_thread_spinning,
     )
 
 
 def model_run_slots(options: ServerOptions) -> RunSlots | None:
-    """--standin_model_run_slots: 0 is one slot per usable core, -1 no limit (None)."""
-    if options.standin_model_run_slots < 0:
-        return None
-    return RunSlots(options.standin_model_run_slots or usable_cpus())
+    """--standin_model_run_slots: N > 0 runs at once in arrival order; 0 no limit (None)."""
+    return RunSlots(options.standin_model_run_slots) if options.standin_model_run_slots > 0 else None
 
 
 class ServerCore:

@@ -65,6 +65,7 @@ class ServerOptions:
     standin_request_read_timeout_seconds: float = DEFAULT_REQUEST_READ_TIMEOUT_S
     standin_slow_call_slots: int = DEFAULT_SLOW_CALL_SLOTS
     standin_model_run_slots: int = 0
+    standin_tensorflow_thread_spinning: bool = False
 
     def replace(self, **changes: Any) -> ServerOptions:
         return dataclasses.replace(self, **changes)
@@ -147,9 +148,11 @@ _FLAGS: dict[str, _Flag] = {
         "standin_slow_call_slots", int, "stand-in only: pool threads beyond --grpc_max_threads for calls still "
         "receiving their request; past both, calls get RESOURCE_EXHAUSTED", _at_least(0)),
     "standin_model_run_slots": _Flag(
-        "standin_model_run_slots", int, "stand-in only, batching off: model runs at once, the others wait their "
-        "turn in arrival order (0: one per usable core; -1: no limit, every handler thread runs at once)",
-        _at_least(-1)),
+        "standin_model_run_slots", int, "stand-in only, batching off: at most N model runs at once, the others "
+        "wait their turn in arrival order (0: no limit, every handler thread runs at once)", _at_least(0)),
+    "standin_tensorflow_thread_spinning": _Flag(
+        "standin_tensorflow_thread_spinning", bool, "stand-in only: let TensorFlow's idle pool threads spin for "
+        "work (TensorFlow's default; the stand-in's is false: they sleep, leaving the cores to busy threads)"),
 }
 
 # tensorflow_model_server flags the stand-in does not implement, with the reason.

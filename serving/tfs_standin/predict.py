@@ -77,9 +77,9 @@ def timeout_ms(deadline: float | None, what: str) -> int | None:
 class DirectRunner:
     """One session run per request (server-side batching off).
 
-    With ``slots``, at most that many runs go into TensorFlow at once and the others wait their
-    turn in arrival order (run_slots.py: why); a call whose deadline passes while it waits gets
-    DEADLINE_EXCEEDED. Without, every caller's thread runs at once.
+    With ``slots`` (--standin_model_run_slots), at most that many runs go into TensorFlow at once and
+    the others wait their turn in arrival order (run_slots.py); a call whose deadline passes while it
+    waits gets DEADLINE_EXCEEDED. Without (the default), every caller's thread runs at once.
     """
 
     def __init__(self, slots: RunSlots | None = None) -> None:

@@ -1,13 +1,13 @@
-"""First come, first served model runs: at most N session runs at once, the rest wait in arrival order.
+"""First come, first served model runs (--standin_model_run_slots=N): at most N session runs at once,
+the others wait in arrival order.
 
 Without batching, every gRPC or REST handler thread runs its own ``Session`` call. With more calls
 in flight than cores (16 handler threads on 2 cores), TensorFlow interleaves the concurrent runs on
-its shared inter-op pool, whose per-thread queues serve the newest work first: a run that falls
-behind keeps losing to runs started after it. That spread of the model run was the whole tail of
-the stand-in's calls at concurrency 16 (docs/tf-serving.md, "The gRPC tail"). Letting only as many
-runs into TensorFlow as there are cores, and the others in the order they came, turns that lottery
-into a queue: each call waits for the calls ahead of it, no longer.
-"""
+its shared pools, and a run that falls behind keeps losing to runs started after it: that spread of
+the model run is the stand-in's tail at concurrency 16 (docs/tf-serving.md, "The gRPC tail").
+Letting only N runs into TensorFlow and the others in the order they came turns that lottery into a
+queue. It is off by default: each hand-over wakes a thread that must then win the GIL, so with N at
+the core count the stand-in answered fewer calls per second than with no limit."""
 
 from __future__ import annotations
 

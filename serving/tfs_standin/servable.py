@@ -86,12 +86,17 @@ def _signature(name: str, proto: meta_graph_pb2.SignatureDef, where: str) -> Sig
 @dataclass(frozen=True)
 class SessionOptions:
     """TensorFlow session settings: a base ConfigProto (--tensorflow_session_config_file), with the
-    thread pools of the --tensorflow_*_parallelism flags on top where they are set (0 = keep)."""
+    thread pools of the --tensorflow_*_parallelism flags on top where they are set (0 = keep).
+
+    ``thread_spinning=False`` sets ``experimental.disable_thread_spinning``: TensorFlow's idle pool
+    threads sleep at once instead of spinning for work first (docs/tf-serving.md, "The gRPC tail").
+    """
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     tags: tuple[str, ...] = (tf.saved_model.SERVING,)
     base_config: bytes = b""  # a serialized ConfigProto
+    thread_spinning: bool = True  # TensorFlow's default; False overrides the base config
 
     def config_proto(self) -> config_pb2.ConfigProto:
         config = config_pb2.ConfigProto(allow_soft_placement=True)
@@ -100,6 +105,8 @@ class SessionOptions:
             config.intra_op_parallelism_threads = self.intra_op_threads
         if self.inter_op_threads:
             config.inter_op_parallelism_threads = self.inter_op_threads
+        if not self.thread_spinning:
+            config.experimental.disable_thread_spinning = True
         return config
 
 

@@ -146,7 +146,7 @@ class ModelServer:
         if not isinstance(runner, DirectRunner):
             return "on"
         if runner.slots is None:
-            return "off, every handler thread runs the model at once"
+            return "off"
         return f"off, {runner.slots.slots} model runs at once, the others in arrival order"
 
     def _start_rest(self) -> None:
