@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from mnist_client.errors import ClientConfigError, DeadlineExceededError, ProtocolError, UnavailableError
+from mnist_client.errors import ClientConfigError, DeadlineExceededError, ProtocolError, ServerError, UnavailableError
 from mnist_client.inputs import to_model_input
 from mnist_client.rest import RestClient, parse_prediction
 from mnist_client.retry import NO_RETRIES
@@ -263,3 +263,36 @@ def test_many_threads_share_one_client(serve):
         for thread in threads:
             thread.join(DEADLINE_S * 3)
     assert not errors and len(server.requests) == 40
+
+
+def test_an_early_answer_to_a_body_the_server_will_not_read_is_reported():
+    """A server may answer 413 after the head and close without reading the body, breaking the send."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(DEADLINE_S)
+    message = b'{"error": "request body too large"}'
+
+    def answer_after_the_head() -> None:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(message), message)
+            )
+
+    thread = threading.Thread(target=answer_after_the_head, daemon=True)
+    thread.start()
+    too_large = np.zeros((20_000, 28, 28), np.uint8)  # 15 MB: more than the socket buffers hold
+    try:
+        with RestClient(f"http://127.0.0.1:{listener.getsockname()[1]}", binary=True, retry=NO_RETRIES) as client:
+            with pytest.raises(ServerError) as caught:
+                client.predict(too_large)
+    finally:
+        thread.join(DEADLINE_S)
+        listener.close()
+    assert caught.value.status == 413 and caught.value.server_message == "request body too large"

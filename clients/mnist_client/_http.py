@@ -108,7 +108,14 @@ class HttpTransport:
         sock = self._checkout(connect_timeout, what)
         try:
             sock.settimeout(timeout)
-            sock.sendall(message)
+            try:
+                sock.sendall(message)
+            except (BrokenPipeError, ConnectionResetError):
+                # A server may answer before it has read the whole body (413: too large) and close: its
+                # answer, if it arrived, says more than the broken send.
+                response, _ = _read_response(sock, method)
+                sock.close()
+                return response
             response, reusable = _read_response(sock, method)
         except TimeoutError:
             sock.close()
