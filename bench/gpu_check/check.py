@@ -45,7 +45,7 @@ from bench.gpu_check.settings import (
 )
 from bench.results import write_result
 from mnist_client import contract
-from mnist_client.loadtest import LoadTestConfig, Target, parse_target, run
+from mnist_client.loadtest import LoadTestConfig, LoadTestError, Target, parse_target, run
 from serving.model_repository import model_base_path
 from stack.comparison import TORCH_REST
 from stack.config import free_port_config
@@ -226,7 +226,8 @@ class GpuCheck:
             self.say(f"serve torch-rest: device {', '.join(devices) or 'unknown (no worker start line in its log)'} "
                      f"(each worker's start line), {len(starts)} worker(s) x {env['MNIST_REST_THREADS']} request "
                      f"threads, micro-batching {'on' if all(out['worker_batching']) and starts else 'off'} (at most "
-                     f"{env['MNIST_REST_BATCH_MAX_SIZE']} images per pass), nginx in front (log: {server.log_path})")
+                     f"{env['MNIST_REST_BATCH_MAX_SIZE']} images per pass), nginx in front; settings "
+                     + " ".join(f"{k}={v}" for k, v in env.items()) + f" (log: {server.log_path})")
             if not starts or any(not d.startswith(self.kind) for d in devices):
                 self.problem(f"the REST server's workers serve on {devices or 'an unknown device'}, not {self.kind}")
             target = parse_target(f"{TORCH_REST}={server.rest_url}", "rest")
@@ -307,8 +308,11 @@ class GpuCheck:
                 continue
             try:
                 self.result[name] = part()
-            except (PartFailed, StackError) as exc:
+            except (PartFailed, StackError, LoadTestError) as exc:
                 self.problem(f"{name}: {exc}")
+            except Exception as exc:  # a check reports what broke and goes on with the parts that can still run
+                log.exception("%s failed", name)
+                self.problem(f"{name}: {type(exc).__name__}: {exc}")
         elapsed = time.monotonic() - started
         if elapsed > TIME_BUDGET_S:
             self.note(f"the check took {elapsed:.0f} s, over the {TIME_BUDGET_S} s it is meant to take")
