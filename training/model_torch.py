@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_client import contract
+from serving.check_set import pixels_to_images, write_check_set
 from serving.model_repository import model_base_path, publish_version
 from training.export_common import base_metadata, verify_export
 
@@ -109,7 +110,8 @@ def export_torchscript(
 
     The file is loaded back and checked against the in-memory model on the given
     test images (same classes, probabilities within 1e-5) before it is published;
-    the measured accuracy goes into ``model.json``.
+    the measured accuracy goes into ``model.json``, and the images with the file's
+    answers into ``check_set.npz`` (serving/check_set.py).
     """
     serving = ServingModel(net).to("cpu").eval()
     scripted = torch.jit.script(serving)
@@ -122,6 +124,11 @@ def export_torchscript(
         got_probs, got_classes = predict_numpy(loaded, test_images)
         verify_export(ref_probs, ref_classes, got_probs, got_classes)
         accuracy = float(np.mean(got_classes == test_labels))
+        # The test images and the file's own answers, for servers to check the form they serve.
+        pixels = np.round(test_images * contract.PIXEL_SCALE).astype(np.uint8)
+        if not np.array_equal(pixels_to_images(pixels), test_images):  # not MNIST's own uint8 steps
+            got_probs, got_classes = predict_numpy(loaded, pixels_to_images(pixels))
+        write_check_set(staging, pixels, got_probs, got_classes)
         metadata = base_metadata(
             version=chosen,
             framework="pytorch",
