@@ -521,6 +521,55 @@ def test_gunicorn_default_workers_are_the_usable_cpus(monkeypatch, tmp_path):
     assert runpy.run_path(str(GUNICORN_CONF))["workers"] == 5
 
 
+@pytest.fixture()
+def clean_rest_env(monkeypatch, tmp_path):
+    """No MNIST_REST_* settings; whatever the config file or a worker hook sets is removed after the test."""
+    for name in {*(n for n in os.environ if n.startswith("MNIST_REST_")), "MNIST_REST_DEVICE", "MNIST_REST_BATCH_MAX_SIZE"}:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+
+def test_cpu_defaults_are_threaded_workers_per_cpu_with_micro_batching(clean_rest_env, monkeypatch):
+    import mnist_client.cpus
+
+    monkeypatch.setattr(mnist_client.cpus, "usable_cpus", lambda: 3)
+    monkeypatch.setenv("MNIST_REST_DEVICE", "cpu")
+    conf = runpy.run_path(str(GUNICORN_CONF))
+    assert (conf["workers"], conf["threads"], conf["worker_class"]) == (3, 4, "gthread")
+    assert ServerConfig.load().batching is True and ServerConfig.load().batch_max_size == 32
+    monkeypatch.setenv("MNIST_REST_THREADS", "1")  # the one-request-at-a-time setup is one setting away
+    assert runpy.run_path(str(GUNICORN_CONF))["worker_class"] == "sync"
+
+
+def test_gpu_defaults_are_one_worker_per_gpu_each_pinned_to_its_own(clean_rest_env, monkeypatch):
+    import serving.torch_server.gpus
+
+    monkeypatch.setattr(serving.torch_server.gpus, "visible_gpus", lambda device: 2)
+    conf = runpy.run_path(str(GUNICORN_CONF))
+    assert (conf["workers"], conf["threads"], conf["worker_class"]) == (2, 64, "gthread")
+    assert ServerConfig.load().batch_max_size == 64 and ServerConfig.load().batching is True
+
+    class Worker:
+        pass
+
+    class Master:
+        WORKERS: dict[int, Worker] = {}
+
+    master = Master()
+    for pid in (101, 102, 103):
+        worker = Worker()
+        conf["pre_fork"](master, worker)
+        master.WORKERS[pid] = worker
+    assert [w.mnist_gpu for w in master.WORKERS.values()] == [0, 1, 0]
+    del master.WORKERS[102]  # the worker on GPU 1 died: its replacement takes GPU 1 again
+    replacement = Worker()
+    conf["pre_fork"](master, replacement)
+    assert replacement.mnist_gpu == 1
+    conf["post_fork"](master, replacement)  # in the new worker, before the app reads its settings
+    assert os.environ["MNIST_REST_DEVICE"] == "cuda:1"
+
+
 @pytest.mark.parametrize(
     ("env", "fragment"),
     [
@@ -562,9 +611,8 @@ def test_env_selects_the_device(torch_base, monkeypatch):
 
 def test_micro_batching_answers_concurrent_requests_correctly(torch_base, reference):
     app = create_app(
-        {"model_base_path": torch_base, "poll_seconds": 3600, "batching": True, "batch_max_size": 8,
-         "batch_timeout_micros": 20000}
-    )  # fmt: skip
+        {"model_base_path": torch_base, "poll_seconds": 3600, "batching": True, "batch_max_size": 8}
+    )
     images, probabilities, classes = reference
     results: dict[int, Any] = {}
 
@@ -593,5 +641,4 @@ def test_micro_batching_answers_concurrent_requests_correctly(torch_base, refere
         text = app.test_client().get("/metrics").get_data(as_text=True)
         assert float(text.split("mnist_rest_forward_batch_size_sum ")[1].split()[0]) == 16 + 10
     finally:
-        app.extensions["mnist"].batcher.close()
         app.extensions["mnist"].store.stop_watching()

@@ -15,12 +15,20 @@ from torch import nn
 
 from mnist_client import contract
 from serving.model_repository import publish_version
+from training.recipe import QUICK_TEST_EXAMPLES
+from serving.check_set import CHECK_SET_FILENAME, read_check_set, write_check_set
+from serving.torch_server import batching
 from serving.torch_server.batching import MicroBatcher
+from serving.torch_server.errors import ServiceUnavailable
 from serving.torch_server.model_store import (
     AVAILABLE,
+    CPU_CHUNK,
+    CROSSOVER_BATCHES,
     END,
     LOADING,
-    OPTIMIZED_MIN_BATCH,
+    NEVER,
+    LoadedModel,
+    ModelLoadError,
     ModelStore,
     load_version,
 )
@@ -198,20 +206,102 @@ def test_watcher_picks_up_a_new_version(base):
     assert events == [("loaded", 1), ("loaded", 2), ("unloaded", 1)]
 
 
-# -- the inference-optimised copy for larger batches -----------------------------------------------
+# -- the forms a version serves: the export, the optimised copy, chunks, the check set -------------
 
 
-def test_larger_batches_run_on_an_optimised_copy_that_agrees_with_the_export(base, test_images):
-    images = test_images[0][:64]
+def test_every_batch_size_gives_the_exports_answers_on_the_check_set(base):
+    check = read_check_set(base / "1")
+    assert check is not None and len(check) == QUICK_TEST_EXAMPLES  # written by the quick export, over its test images
     model = load_version(base / "1", 1, CPU)
-    assert model.optimized is not None
-    exported = load_version(base / "1", 1, CPU, optimize=False)
-    assert exported.optimized is None
-    for size in (1, OPTIMIZED_MIN_BATCH - 1, OPTIMIZED_MIN_BATCH, 64):
-        got_probabilities, got_classes = model.predict(images[:size])
-        want_probabilities, want_classes = exported.predict(images[:size])
-        np.testing.assert_array_equal(got_classes, want_classes)
-        np.testing.assert_allclose(got_probabilities, want_probabilities, atol=1e-5)
+    assert model.optimized is not None and model.chunk == CPU_CHUNK
+    images = check.images
+    for size in (1, 2, 3, 4, 8, 16, 64, 65, 200):  # both forms, chunked and not
+        probabilities, classes = model.predict(images[:size])
+        np.testing.assert_array_equal(classes, check.classes[:size])
+        np.testing.assert_allclose(probabilities, check.probabilities[:size], rtol=0, atol=1e-5)
+
+
+def test_the_optimised_copy_serves_from_the_measured_crossover(base):
+    model = load_version(base / "1", 1, CPU)
+    timings = model.plan["timings_us"]
+    assert sorted(timings) == sorted(CROSSOVER_BATCHES)
+    threshold = model.optimized_min_batch
+    assert threshold == NEVER or threshold in CROSSOVER_BATCHES
+    for batch, timing in timings.items():  # faster from the threshold on, and not at the size below it
+        if batch >= threshold:
+            assert timing["optimized"] < timing["module"]
+        if threshold != NEVER and batch == max((b for b in CROSSOVER_BATCHES if b < threshold), default=None):
+            assert timing["optimized"] >= timing["module"]
+
+
+def test_a_configured_threshold_replaces_the_measurement(base):
+    model = load_version(base / "1", 1, CPU, optimized_min_batch=9)
+    assert model.optimized_min_batch == 9 and model.plan["timings_us"] == {}
+    assert load_version(base / "1", 1, CPU, optimize=False).optimized is None
+
+
+class _RecordingModule:
+    """A contract module for LoadedModel that records the size of every pass and marks each row's class."""
+
+    def __init__(self) -> None:
+        self.passes: list[int] = []
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.passes.append(len(images))
+        marks = images[:, 0, 0].to(torch.int64)
+        return {"probabilities": torch.zeros(len(images), contract.NUM_CLASSES), "classes": marks}
+
+
+def test_large_batches_run_in_chunks_and_keep_their_order():
+    module = _RecordingModule()
+    model = LoadedModel(1, Path("."), module, CPU, {}, chunk=64)  # type: ignore[arg-type]
+    images = np.zeros((150, *contract.IMAGE_SHAPE), np.float32)
+    images[:, 0, 0] = np.arange(150)
+    _, classes = model.predict(images)
+    assert module.passes == [64, 64, 22]
+    assert classes.tolist() == list(range(150))
+    model.predict(images[:64])
+    assert module.passes[-1] == 64
+
+
+def _rewrite_check_set(version_dir: Path, change) -> None:
+    check = read_check_set(version_dir)
+    probabilities, classes = check.probabilities.copy(), check.classes.copy()
+    change(probabilities, classes)
+    write_check_set(version_dir, check.pixels, probabilities, classes)
+
+
+def test_a_version_that_does_not_reproduce_its_check_set_is_refused(base):
+    def flip_first_class(probabilities: np.ndarray, classes: np.ndarray) -> None:
+        classes[0] = (classes[0] + 1) % contract.NUM_CLASSES
+
+    _rewrite_check_set(base / "1", flip_first_class)
+    with pytest.raises(ModelLoadError, match=r"does not reproduce its own check set .*a different class for 1 of"):
+        load_version(base / "1", 1, CPU)
+
+
+def test_an_optimised_copy_that_misses_the_check_set_is_not_used(base, caplog):
+    # Row 600 is past the rows the exported module is checked on, so only the optimised copy sees it.
+    def nudge(probabilities: np.ndarray, classes: np.ndarray) -> None:
+        probabilities[600] += 1e-3
+
+    _rewrite_check_set(base / "1", nudge)
+    model = load_version(base / "1", 1, CPU, optimized_min_batch=4)
+    assert model.optimized_min_batch == NEVER and "probabilities differ by up to" in model.plan["rejected"]
+    assert "the optimised copy differs from the export" in caplog.text
+    assert model.predict(np.zeros((8, *contract.IMAGE_SHAPE), np.float32))[1].shape == (8,)
+
+
+def test_a_broken_check_set_refuses_the_version_with_the_reason(base):
+    (base / "1" / CHECK_SET_FILENAME).write_bytes(b"not a zip")
+    with pytest.raises(ModelLoadError, match="is not a readable check set"):
+        load_version(base / "1", 1, CPU)
+
+
+def test_a_version_without_a_check_set_still_checks_its_optimised_copy(base, caplog):
+    (base / "1" / CHECK_SET_FILENAME).unlink()
+    model = load_version(base / "1", 1, CPU, optimized_min_batch=4)
+    assert model.optimized is not None and "ramp" in model.plan["checked_on"]
 
 
 def test_a_failing_optimisation_leaves_the_version_serving_as_exported(base, test_images, monkeypatch, caplog):
@@ -221,98 +311,162 @@ def test_a_failing_optimisation_leaves_the_version_serving_as_exported(base, tes
     monkeypatch.setattr(torch.jit, "optimize_for_inference", broken)
     model = load_version(base / "1", 1, CPU)
     assert model.optimized is None
-    assert "no optimised copy for large batches (no oneDNN here)" in caplog.text
+    assert "no optimised copy (no oneDNN here)" in caplog.text
     assert model.predict(test_images[0][:8])[1].shape == (8,)
 
 
 # -- the micro-batcher -----------------------------------------------------------------------------
 
 
-class _RecordingModel:
-    """Stands in for a LoadedModel: records forward-pass sizes, answers row i with class i."""
+class _GatedModel:
+    """Stands in for a LoadedModel: records each pass's size and thread, answers row i with class i;
+    the first pass waits at the gate until the test opens it."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.batches: list[int] = []
+        self.threads: list[int] = []
+        self.gate = gate
+        self.entered = threading.Event()
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.batches.append(len(images))
+        self.threads.append(threading.get_ident())
+        self.entered.set()
+        if self.gate is not None and len(self.batches) == 1:
+            assert self.gate.wait(30), "the test never opened the gate"
         marks = images[:, 0, 0].astype(np.int64)
         return np.repeat(images[:, 0, :1], contract.NUM_CLASSES, axis=1), marks
 
 
-def test_micro_batcher_groups_concurrent_requests_and_returns_each_its_rows():
-    batcher = MicroBatcher(max_batch_size=8, timeout_micros=300_000)
-    model = _RecordingModel()
-    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    start = threading.Barrier(6)
-
-    def request(index: int, size: int) -> None:
-        images = np.full((size, *contract.IMAGE_SHAPE), index, dtype=np.float32)
-        with batcher.scope():  # as the server does from the start of each request
-            start.wait()
-            results[index] = batcher.predict(model, images)
-
-    sizes = {1: 1, 2: 2, 3: 1, 4: 3, 5: 1, 6: 1}  # 9 images: one batch of up to 8, the rest after
-    threads = [threading.Thread(target=request, args=(i, n)) for i, n in sizes.items()]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-    finally:
-        batcher.close()
-    assert sorted(model.batches) != [1] * 6 and sum(model.batches) == 9 and max(model.batches) <= 8
-    for index, size in sizes.items():
-        probabilities, classes = results[index]
-        assert classes.tolist() == [index] * size and probabilities.shape == (size, contract.NUM_CLASSES)
+def _rows(mark: int, size: int = 1) -> np.ndarray:
+    return np.full((size, *contract.IMAGE_SHAPE), mark, dtype=np.float32)
 
 
-def test_micro_batcher_passes_large_requests_through_and_keeps_versions_apart():
-    batcher = MicroBatcher(max_batch_size=4, timeout_micros=200_000)
-    old, new = _RecordingModel(), _RecordingModel()
-    try:
-        batcher.predict(old, np.zeros((6, *contract.IMAGE_SHAPE), np.float32))
-        assert old.batches == [6]  # at or above the batch size: straight to the model
-        start = threading.Barrier(4)
-
-        def request(model: _RecordingModel) -> None:
-            with batcher.scope():
-                start.wait()
-                batcher.predict(model, np.zeros((1, *contract.IMAGE_SHAPE), np.float32))
-
-        threads = [threading.Thread(target=request, args=(model,)) for model in (old, new, old, new)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-    finally:
-        batcher.close()
-    assert sum(old.batches[1:]) == 2 and sum(new.batches) == 2  # never a pass mixing two versions
+def _wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)
 
 
-def test_micro_batcher_does_not_delay_a_lone_request():
-    batcher = MicroBatcher(max_batch_size=8, timeout_micros=600_000_000)  # ten minutes' wait for company
-    model = _RecordingModel()
-    try:
-        started = time.monotonic()
-        with batcher.scope():
-            batcher.predict(model, np.zeros((1, *contract.IMAGE_SHAPE), np.float32))
-        assert time.monotonic() - started < 60  # a safety bound: nobody else in scope, so no wait at all
-    finally:
-        batcher.close()
-    assert model.batches == [1]
+def test_a_lone_request_runs_at_once_in_its_own_thread():
+    batcher = MicroBatcher(max_batch_size=8)
+    model = _GatedModel()
+    _, classes = batcher.predict(model, _rows(3))
+    assert classes.tolist() == [3]
+    assert model.batches == [1] and model.threads == [threading.get_ident()]  # no hand-over, no timer
+    assert batcher.queued() == 0
 
 
-def test_micro_batcher_hands_a_model_error_to_every_waiting_request():
-    class Failing:
+def test_requests_that_arrive_during_a_pass_share_the_next_one():
+    gate = threading.Event()
+    batcher = MicroBatcher(max_batch_size=8)
+    model = _GatedModel(gate)
+    results: dict[int, np.ndarray] = {}
+
+    def request(mark: int, size: int) -> None:
+        results[mark] = batcher.predict(model, _rows(mark, size))[1]
+
+    first = threading.Thread(target=request, args=(0, 1))
+    first.start()
+    assert model.entered.wait(30)
+    sizes = {1: 1, 2: 2, 3: 1, 4: 3, 5: 1, 6: 1}  # 9 images: 8 fit the next pass, the last one the pass after
+    waiting = [threading.Thread(target=request, args=(mark, size)) for mark, size in sizes.items()]
+    for index, thread in enumerate(waiting, start=1):
+        thread.start()
+        _wait_until(lambda: batcher.queued() == index, f"{index} requests are queued")  # keeps arrival order
+    gate.set()
+    for thread in (first, *waiting):
+        thread.join(30)
+    assert model.batches == [1, 8, 1]
+    assert {mark: classes.tolist() for mark, classes in results.items()} == {
+        0: [0], **{mark: [mark] * size for mark, size in sizes.items()}
+    }
+
+
+def test_a_large_request_is_a_pass_of_its_own_and_versions_never_share_one():
+    gate = threading.Event()
+    batcher = MicroBatcher(max_batch_size=4)
+    blocker, old, new = _GatedModel(gate), _GatedModel(), _GatedModel()
+    threads = [threading.Thread(target=batcher.predict, args=(blocker, _rows(0)))]
+    threads[0].start()
+    assert blocker.entered.wait(30)
+    for model, size in ((old, 1), (new, 1), (old, 6), (old, 1), (new, 1)):
+        threads.append(threading.Thread(target=batcher.predict, args=(model, _rows(1, size))))
+        threads[-1].start()
+        count = len(threads) - 1
+        _wait_until(lambda: batcher.queued() == count, f"{count} requests are queued")
+    gate.set()
+    for thread in threads:
+        thread.join(30)
+    # Next pass after the blocker: old 1 + new 1 (two passes, one per version); the 6-image request
+    # does not fit, so it is a pass of its own; then old 1 + new 1 again.
+    assert old.batches == [1, 6, 1] and new.batches == [1, 1]
+
+
+def test_a_model_error_reaches_every_request_of_its_pass_and_frees_the_model():
+    class Failing(_GatedModel):
         def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            super().predict(images)
             raise RuntimeError("device lost")
 
-    batcher = MicroBatcher(max_batch_size=4, timeout_micros=1000)
+    gate = threading.Event()
+    batcher = MicroBatcher(max_batch_size=4)
+    failing = Failing(gate)
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            batcher.predict(failing, _rows(1))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(3)]
+    threads[0].start()
+    assert failing.entered.wait(30)
+    for count, thread in enumerate(threads[1:], start=1):
+        thread.start()
+        _wait_until(lambda: batcher.queued() == count, f"{count} requests are queued")
+    gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert [str(e) for e in errors] == ["device lost"] * 3 and failing.batches == [1, 2]
+    assert batcher.predict(_GatedModel(), _rows(5))[1].tolist() == [5]  # the model is free again
+
+
+def test_a_request_that_waits_too_long_gets_503_and_leaves_the_queue(monkeypatch):
+    monkeypatch.setattr(batching, "_RESULT_TIMEOUT_S", 0.05)
+    gate = threading.Event()
+    batcher = MicroBatcher(max_batch_size=4)
+    blocker = _GatedModel(gate)
+    first = threading.Thread(target=batcher.predict, args=(blocker, _rows(0)))
+    first.start()
     try:
-        with pytest.raises(RuntimeError, match="device lost"):
-            batcher.predict(Failing(), np.zeros((1, *contract.IMAGE_SHAPE), np.float32))
-        model = _RecordingModel()
-        assert batcher.predict(model, np.zeros((1, *contract.IMAGE_SHAPE), np.float32))[1].tolist() == [0]
+        assert blocker.entered.wait(30)
+        with pytest.raises(ServiceUnavailable, match="did not become free"):
+            batcher.predict(_GatedModel(), _rows(1))
+        assert batcher.queued() == 0
     finally:
-        batcher.close()
+        gate.set()
+        first.join(30)
+    assert blocker.batches == [1]
+
+
+def test_a_pass_that_never_ends_reports_the_worker_stuck_once(monkeypatch):
+    monkeypatch.setattr(batching, "_RESULT_TIMEOUT_S", 0.05)
+    gate = threading.Event()
+    batcher = MicroBatcher(max_batch_size=4)
+    stuck: list[bool] = []
+    batcher.on_stuck = lambda: stuck.append(True)
+    blocker = _GatedModel(gate)
+    first = threading.Thread(target=batcher.predict, args=(blocker, _rows(0)))
+    first.start()
+    try:
+        assert blocker.entered.wait(30)
+        for _ in range(2):  # each waits past the limit, so the pass is older than it
+            with pytest.raises(ServiceUnavailable):
+                batcher.predict(_GatedModel(), _rows(1))
+        assert stuck == [True]
+    finally:
+        gate.set()
+        first.join(30)

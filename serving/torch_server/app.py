@@ -77,7 +77,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         latest = store.latest()
         metrics.model_version.set(latest.version if latest else 0)
 
-    loader = functools.partial(load_version, optimize=config.optimize_batches)
+    loader = functools.partial(
+        load_version, optimize=config.optimize_batches, optimized_min_batch=config.optimized_min_batch
+    )
     store = ModelStore(config.model_base_path, device, config.keep_versions, loader=loader, listener=on_model_event)
     store.refresh()  # synchronously, so a worker with a model on disk is ready as soon as it boots
     if store.latest() is None:
@@ -86,7 +88,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
 
     batcher = None
     if config.batching:
-        batcher = MicroBatcher(config.batch_max_size, config.batch_timeout_micros, metrics.forward_batch_size.observe)
+        batcher = MicroBatcher(config.batch_max_size, metrics.forward_batch_size.observe)
     predictor = Predictor(config, store, metrics, batcher)
 
     app = Flask(__name__)

@@ -1,173 +1,160 @@
-"""Optional micro-batching: concurrent small requests of one worker share a forward pass.
+"""Micro-batching without a timer: requests that wait for a worker's model share its next forward pass.
 
-Request threads hand their images to :meth:`MicroBatcher.predict` and wait; one
-batching thread takes the first waiting request, collects more until
-``max_batch_size`` images are gathered or ``timeout_micros`` have passed since
-the first, runs one forward pass per model version in the group and hands each
-request its rows back. Requests that are already ``max_batch_size`` images or
-more skip the queue.
+A worker runs one forward pass at a time. A request that finds the model free runs at once, in its
+own thread, alone: nothing waits for company. A request that arrives while a pass is running joins
+the queue; when the pass ends, the thread that ran it hands the model to the first queued request,
+which runs everything queued behind it (up to ``max_batch_size`` images) as one pass. So batches
+form only from requests that would have waited anyway, and their size follows the load: one image
+at low concurrency, about as many as arrive during one pass at high concurrency.
 
-The batching thread only waits for requests that exist: every request holds
-:meth:`MicroBatcher.scope` from its start (before its body is read and
-decoded), and a batch closes at once when every request in the scope is in it.
-A request that is alone in the scope runs in its own thread with no hand-over
-and no delay; concurrent ones wait at most ``timeout_micros`` for each other.
-
-It only pays where a forward pass of B images costs much less than B passes of
-one image (GPUs) and where a worker has several request threads
-(``MNIST_REST_THREADS`` > 1, gunicorn's gthread worker). docs/rest-server.md
-has the measured figures behind the default (off).
+Requests pinned to different model versions never share a pass, and a request of ``max_batch_size``
+images or more is a pass of its own. It pays with several request threads per worker
+(``MNIST_REST_THREADS`` > 1, gunicorn's gthread worker): docs/rest-server.md has the figures.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 from serving.torch_server.errors import ServiceUnavailable
-from serving.torch_server.model_store import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# A request waits at most this long for its batch before it is answered 503.
+# A queued request waits at most this long for its pass before it is answered 503.
 _RESULT_TIMEOUT_S = 30.0
 
 Prediction = tuple[np.ndarray, np.ndarray]
 
 
-class _Pending:
-    __slots__ = ("model", "images", "future")
+class Predicts(Protocol):
+    def predict(self, images: np.ndarray) -> Prediction: ...
 
-    def __init__(self, model: LoadedModel, images: np.ndarray) -> None:
+
+class _Request:
+    __slots__ = ("model", "images", "done", "result", "error", "lead")
+
+    def __init__(self, model: Predicts, images: np.ndarray) -> None:
         self.model = model
         self.images = images
-        self.future: Future[Prediction] = Future()
+        self.done = threading.Event()
+        self.result: Prediction | None = None
+        self.error: BaseException | None = None
+        self.lead = False  # set when this request is handed the model to run the next pass
 
 
 class MicroBatcher:
-    def __init__(
-        self,
-        max_batch_size: int,
-        timeout_micros: int,
-        on_forward: Callable[[int], None] | None = None,
-    ) -> None:
+    """One forward pass at a time per worker; requests queued behind a pass share the next one."""
+
+    def __init__(self, max_batch_size: int, on_forward: Callable[[int], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size}: expected an integer >= 1")
         self.max_batch_size = max_batch_size
-        self.timeout_s = timeout_micros / 1e6
         self._on_forward = on_forward
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._carry: _Pending | None = None
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self._in_scope = 0  # requests being handled that may still join a batch
-        self._scope_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._queue: deque[_Request] = deque()
+        self._busy = False  # a thread holds the model
+        self._pass_started = 0.0  # when the running pass began (time.monotonic)
+        # Called (once) when a pass has held the model past the wait limit: under gunicorn, it
+        # tells the worker to exit so that the master replaces it (gunicorn_conf.post_worker_init).
+        self.on_stuck: Callable[[], None] | None = None
+        self._stuck_reported = False
 
-    @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
-        """Hold for the whole handling of a request, so that the batcher knows who may still come."""
-        with self._scope_lock:
-            self._in_scope += 1
+    def queued(self) -> int:
+        """Requests waiting for the model now (not counting the pass that runs)."""
+        return len(self._queue)
+
+    def predict(self, model: Predicts, images: np.ndarray) -> Prediction:
+        """``model.predict(images)``, possibly as rows of a larger pass shared with other requests."""
+        request = _Request(model, images)
+        with self._lock:
+            if self._busy:
+                self._queue.append(request)
+            else:
+                self._busy = True
+                request.lead = True
+        if not request.lead:
+            if not request.done.wait(_RESULT_TIMEOUT_S):
+                self._withdraw(request)  # raises 503, unless a pass took the request just now:
+                request.done.wait()  # then that pass's end (or the hand-over) is near
+            if not request.lead:
+                return self._outcome(request)
+        self._run_from(request)
+        return self._outcome(request)
+
+    def _withdraw(self, request: _Request) -> None:
+        with self._lock:
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                return  # taken into a pass (or handed the model) just now: its answer is coming
+            stuck = (self._busy and time.monotonic() - self._pass_started > _RESULT_TIMEOUT_S
+                     and not self._stuck_reported)  # fmt: skip
+            self._stuck_reported = self._stuck_reported or stuck
+        if stuck:
+            log.critical("a forward pass has held the model for over %.0f s; this worker cannot serve", _RESULT_TIMEOUT_S)
+            if self.on_stuck is not None:
+                self.on_stuck()
+        raise ServiceUnavailable(f"the model did not become free within {_RESULT_TIMEOUT_S:.0f} s; retry")
+
+    def _run_from(self, first: _Request) -> None:
+        """Run ``first`` and whatever is queued behind it, then hand the model on (or free it)."""
         try:
-            yield
+            self._pass_started = time.monotonic()
+            batch = self._take(first)
+            self._execute(batch)
         finally:
-            with self._scope_lock:
-                self._in_scope -= 1
+            with self._lock:
+                successor = self._queue.popleft() if self._queue else None
+                if successor is None:
+                    self._busy = False
+                else:
+                    successor.lead = True
+            if successor is not None:
+                successor.done.set()
 
-    def predict(self, model: LoadedModel, images: np.ndarray) -> Prediction:
-        if len(images) >= self.max_batch_size or self._alone():
-            # Large enough on its own, or nobody to batch with: run it in this thread, without
-            # the hand-over to the batching thread, and tell the batcher not to wait for it.
-            with self._scope_lock:
-                self._in_scope -= 1
-            try:
-                self._forwarded(len(images))
-                return model.predict(images)
-            finally:
-                with self._scope_lock:
-                    self._in_scope += 1
-        self._ensure_started()
-        pending = _Pending(model, images)
-        self._queue.put(pending)
-        try:
-            return pending.future.result(timeout=_RESULT_TIMEOUT_S)
-        except TimeoutError:
-            raise ServiceUnavailable(f"the batching queue did not answer within {_RESULT_TIMEOUT_S:.0f} s") from None
-
-    def _alone(self) -> bool:
-        return self._in_scope <= 1 and self._queue.empty() and self._carry is None
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=5.0)
-            self._thread = None
-
-    def _ensure_started(self) -> None:
-        # Started lazily, in the process and thread that serves (never before a fork).
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
-                    self._thread.start()
-
-    def _forwarded(self, images: int) -> None:
-        if self._on_forward is not None:
-            self._on_forward(images)
-
-    def _run(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch is None:
-                return
-            try:
-                self._execute(batch)
-            except Exception as exc:  # never leave a request waiting
-                log.exception("micro-batch of %d requests failed", len(batch))
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-
-    def _collect(self) -> list[_Pending] | None:
-        first = self._carry if self._carry is not None else self._queue.get()
-        self._carry = None
-        if first is None:
-            return None
+    def _take(self, first: _Request) -> list[_Request]:
         batch, size = [first], len(first.images)
-        deadline = time.monotonic() + self.timeout_s
-        while size < self.max_batch_size:
-            if self._in_scope <= len(batch) and self._queue.empty():
-                break  # nobody else is on the way: do not wait for company that cannot come
-            remaining = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # finish this batch, then stop
-                break
-            if size + len(item.images) > self.max_batch_size:
-                self._carry = item  # first of the next batch
-                break
-            batch.append(item)
-            size += len(item.images)
+        with self._lock:
+            while self._queue and size + len(self._queue[0].images) <= self.max_batch_size:
+                request = self._queue.popleft()
+                batch.append(request)
+                size += len(request.images)
         return batch
 
-    def _execute(self, batch: list[_Pending]) -> None:
-        groups: dict[int, list[_Pending]] = {}
-        for pending in batch:  # one forward pass per model version in the batch
-            groups.setdefault(id(pending.model), []).append(pending)
+    def _execute(self, batch: list[_Request]) -> None:
+        groups: dict[int, list[_Request]] = {}
+        for request in batch:  # one forward pass per model version in the batch
+            groups.setdefault(id(request.model), []).append(request)
         for members in groups.values():
-            images = members[0].images if len(members) == 1 else np.concatenate([m.images for m in members])
-            self._forwarded(len(images))
-            probabilities, classes = members[0].model.predict(images)
+            try:
+                images = members[0].images if len(members) == 1 else np.concatenate([m.images for m in members])
+                if self._on_forward is not None:
+                    self._on_forward(len(images))
+                probabilities, classes = members[0].model.predict(images)
+            except BaseException as exc:  # every request of the pass gets the error, none waits forever
+                if len(batch) > 1:
+                    log.error("forward pass of %d requests failed: %s", len(members), exc)
+                for member in members:
+                    member.error = exc
+                    member.done.set()
+                continue
             start = 0
             for member in members:
                 stop = start + len(member.images)
-                member.future.set_result((probabilities[start:stop], classes[start:stop]))
+                member.result = (probabilities[start:stop], classes[start:stop])
                 start = stop
+                member.done.set()
+
+    @staticmethod
+    def _outcome(request: _Request) -> Prediction:
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result

@@ -7,9 +7,10 @@ stays off, so no torch state or watcher thread crosses a fork. docs/rest-server.
 lists every variable; the main ones:
 
 MNIST_REST_HOST / MNIST_REST_PORT      bind address (0.0.0.0:8080)
-MNIST_REST_WORKERS                     worker processes (default: usable CPUs)
-MNIST_REST_WORKER_CLASS                sync or gthread (default: sync, or gthread when THREADS > 1)
-MNIST_REST_THREADS                     request threads per worker (gthread)
+MNIST_REST_WORKERS                     worker processes (default: one per GPU, else one per usable CPU)
+MNIST_REST_WORKER_CLASS                sync or gthread (default: gthread when THREADS > 1, else sync)
+MNIST_REST_THREADS                     request threads per worker (default: 64 on a GPU, 4 on CPUs)
+MNIST_REST_BATCHING                    micro-batching of requests queued behind a forward pass (on)
 MNIST_REST_TIMEOUT                     seconds a request may take before its worker is replaced (30)
 MNIST_REST_GRACEFUL_TIMEOUT            seconds in-flight requests get after SIGTERM (30)
 MNIST_REST_KEEPALIVE                   keep-alive seconds (gthread only; sync closes each connection) (5)
@@ -33,6 +34,7 @@ if _REPO_ROOT not in sys.path:
 
 from mnist_client.cpus import usable_cpus  # noqa: E402
 from serving.torch_server.config import ConfigError, ServerConfig, env_int, env_str  # noqa: E402
+from serving.torch_server.gpus import least_used_gpu, visible_gpus  # noqa: E402
 
 # Validate the app's settings in the master, so a bad value stops the server at
 # once with a clear message instead of failing in every worker.
@@ -40,11 +42,24 @@ ServerConfig.load()
 
 
 bind = [f"{env_str('HOST', '0.0.0.0')}:{env_int('PORT', 8080, minimum=0)}"]
-workers = env_int("WORKERS", usable_cpus(), minimum=1)
-threads = env_int("THREADS", 1, minimum=1)
+# The defaults differ by device (docs/rest-server.md has the figures behind them):
+# - CPU: one worker per usable CPU, each running one torch thread, CPU_THREADS request threads
+#   and micro-batching, so that requests queued behind a forward pass share the next one;
+# - GPU: one worker per GPU (each worker holds a CUDA context and a copy of the model), with
+#   GPU_THREADS request threads feeding micro-batches of up to GPU_BATCH_MAX_SIZE images (a GPU's
+#   pass of 64 images costs about what one of a single image does).
+CPU_THREADS = 4
+GPU_THREADS = 64
+GPU_BATCH_MAX_SIZE = 64
+_device = env_str("DEVICE", "auto")
+gpus = visible_gpus(_device)
+if gpus:  # the app reads its settings in each worker, from the environment it inherits
+    os.environ.setdefault("MNIST_REST_BATCH_MAX_SIZE", str(GPU_BATCH_MAX_SIZE))
+workers = env_int("WORKERS", gpus or usable_cpus(), minimum=1)
+threads = env_int("THREADS", GPU_THREADS if gpus else CPU_THREADS, minimum=1)
 # sync: one request at a time per worker, each connection closed after its answer;
 # gthread: keep-alive connections, and THREADS requests at a time per worker (needed for
-# micro-batching). docs/rest-server.md has the figures behind the default.
+# micro-batching).
 worker_class = env_str("WORKER_CLASS", "gthread" if threads > 1 else "sync")
 if worker_class not in ("sync", "gthread"):
     raise ConfigError(f"MNIST_REST_WORKER_CLASS={worker_class!r}: expected sync or gthread")
@@ -108,6 +123,28 @@ def on_starting(server: object) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.db"):
         stale.unlink()
+
+
+def pre_fork(server: object, worker: object) -> None:
+    # With several GPUs and no device pinned, each new worker takes the GPU with the fewest workers.
+    if gpus > 1 and _device in ("auto", "cuda"):
+        in_use = [w.mnist_gpu for w in server.WORKERS.values() if hasattr(w, "mnist_gpu")]  # type: ignore[attr-defined]
+        worker.mnist_gpu = least_used_gpu(gpus, in_use)  # type: ignore[attr-defined]
+
+
+def post_fork(server: object, worker: object) -> None:
+    gpu = getattr(worker, "mnist_gpu", None)
+    if gpu is not None:  # in the worker, before the app reads its settings
+        os.environ["MNIST_REST_DEVICE"] = f"cuda:{gpu}"
+
+
+def post_worker_init(worker: object) -> None:
+    # A forward pass that never returns holds the worker's model: gthread workers would go on
+    # accepting requests that can only time out, so the worker stops (alive = False ends its loop,
+    # and the master replaces it, killing it after `timeout` if the stuck thread keeps it alive).
+    state = getattr(worker.wsgi, "extensions", {}).get("mnist")  # type: ignore[attr-defined]
+    if state is not None and state.batcher is not None:
+        state.batcher.on_stuck = lambda: setattr(worker, "alive", False)
 
 
 def child_exit(server: object, worker: object) -> None:

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mnist_client import contract
+from serving.check_set import CHECK_SET_FILENAME, CheckSet, CheckSetError, disagreement, read_check_set
 from serving.model_repository import list_versions
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,21 @@ _SUM_TOLERANCE = 1e-3
 # before a version serves so the first real requests do not pay for it.
 _WARMUP_BATCHES = (1, 1, 1, 8, 8)
 
-# Batches of this many images or more run on the inference-optimised copy: measured on our CPUs it
-# is about 2x faster per image from 8 images up, 1.3x at 4, but slower for 1 to 3 (docs/rest-server.md).
-OPTIMIZED_MIN_BATCH = 4
+NEVER = 2**31  # an optimised-copy threshold that no batch reaches
+# The batch sizes at which the exported module and the optimised copy are timed when a version
+# loads: the optimised copy serves from the smallest size from which it is faster at every size.
+CROSSOVER_BATCHES = (1, 2, 4, 8, 16)
+_CROSSOVER_WARMUP = 3
+_CROSSOVER_REPEATS = 5
+# On CPUs a forward pass of more images than this runs in chunks of it: per image, a pass of 256
+# costs more than one of 64, whose activations stay in cache (docs/rest-server.md has the figures).
+CPU_CHUNK = 64
+# How many check-set images the small-batch path (the module as exported) is checked on at load;
+# the large-batch path runs the whole check set.
+_SMALL_PATH_CHECK_ROWS = 256
+_CHECK_BATCH = 256
 _OPTIMIZED_CHECK_BATCH = 16
-# The optimised copy must give the exported module's classes and probabilities within this.
+# Without a check set, the optimised copy must give the exported module's answers within this.
 _OPTIMIZED_ATOL = 1e-5
 
 AVAILABLE, LOADING, END = "AVAILABLE", "LOADING", "END"
@@ -68,9 +79,10 @@ class LoadedModel:
     """One loaded, validated version, ready to predict from any thread.
 
     ``module`` is the TorchScript file as exported. ``optimized``, when present, is a frozen copy
-    optimised for inference (oneDNN convolutions on CPUs), checked to agree with ``module``; it
-    runs batches of ``OPTIMIZED_MIN_BATCH`` images or more, where it is about twice as fast per
-    image, while smaller batches, where it is slower, stay on ``module``.
+    optimised for inference (oneDNN convolutions on CPUs), checked to give the export's answers; it
+    runs batches of ``optimized_min_batch`` images or more, the size from which it was measured
+    faster when the version loaded. On CPUs, passes of more than ``chunk`` images run in chunks.
+    ``plan`` says what was chosen and why (logged at load, shown by the benchmarks).
     """
 
     version: int
@@ -79,13 +91,20 @@ class LoadedModel:
     device: torch.device
     metadata: Mapping[str, Any]
     optimized: torch.jit.ScriptModule | None = None
+    optimized_min_batch: int = NEVER
+    chunk: int | None = None
+    plan: Mapping[str, Any] = field(default_factory=dict)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 ``[N, 28, 28]`` in [0, 1] -> (probabilities float32 [N, 10], classes int64 [N]) on the CPU."""
         module = self.module
-        if self.optimized is not None and len(images) >= OPTIMIZED_MIN_BATCH:
+        if self.optimized is not None and len(images) >= self.optimized_min_batch:
             module = self.optimized
-        return run_module(module, images, self.device)
+        chunk = self.chunk
+        if chunk is None or len(images) <= chunk:
+            return run_module(module, images, self.device)
+        parts = [run_module(module, images[start : start + chunk], self.device) for start in range(0, len(images), chunk)]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
 
 
 def run_module(
@@ -118,23 +137,144 @@ class _Snapshot:
         return self.models[max(self.models)] if self.models else None
 
 
-def load_version(path: Path, version: int, device: torch.device, optimize: bool = True) -> LoadedModel:
-    """Load ``<path>/model.pt``, check it against the contract on a dummy batch, and warm it up.
+def load_version(
+    path: Path, version: int, device: torch.device, optimize: bool = True, optimized_min_batch: int = 0
+) -> LoadedModel:
+    """Load ``<path>/model.pt``, check it against the contract and its check set, choose the fastest
+    forms, and warm it up.
 
-    With ``optimize``, also build the inference-optimised copy for larger batches; if that fails
-    or disagrees with the exported module, the version serves without it (and says so in the log).
+    With ``optimize``, also build the inference-optimised copy; it serves batches from
+    ``optimized_min_batch`` images (0: from the size at which it is measured faster here) if it
+    gives the export's answers on the check set (``check_set.npz``, written by training), else the
+    version serves without it and the log says why. A module that does not itself reproduce its
+    check set is refused.
     """
     model_file = path / contract.TORCHSCRIPT_FILENAME
     if not model_file.is_file():
         raise ModelLoadError(f"{model_file} does not exist")
     metadata = _read_metadata(path)
+    try:
+        check = read_check_set(path)
+    except CheckSetError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if device.type == "cuda":
+        # TF32 convolutions would move probabilities by ~1e-4: serve the export's own numerics.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     module = _load_module(model_file, device)
     check_contract(module, device, version)
-    optimized = _optimized_copy(model_file, module, device, version) if optimize else None
-    model = LoadedModel(version, path, module, device, MappingProxyType(metadata), optimized)
+    plain = LoadedModel(version, path, module, device, MappingProxyType(metadata),
+                        chunk=CPU_CHUNK if device.type == "cpu" else None)  # fmt: skip
+    if check is not None:
+        # The module as exported, as it runs small batches (one image at a time) and large ones.
+        why = disagreement(check, *_predict_rows(plain, check, 1, _SMALL_PATH_CHECK_ROWS), rows=_SMALL_PATH_CHECK_ROWS)
+        if why is None:
+            why = disagreement(check, *_predict_rows(plain, check, _CHECK_BATCH, _SMALL_PATH_CHECK_ROWS),
+                               rows=_SMALL_PATH_CHECK_ROWS)  # fmt: skip
+        if why is not None:
+            raise ModelLoadError(f"version {version} does not reproduce its own check set ({CHECK_SET_FILENAME}): {why}")
+    model = _with_optimized_copy(plain, model_file, check, optimized_min_batch) if optimize else plain
     for batch in _WARMUP_BATCHES:
         model.predict(np.zeros((batch, *contract.IMAGE_SHAPE), dtype=contract.INPUT_DTYPE))
+    log.info("version %d on %s: %s", version, device, _describe(model))
     return model
+
+
+def _predict_rows(model: LoadedModel, check: CheckSet, batch: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``model.predict`` over the first ``rows`` check images (default all), ``batch`` at a time."""
+    images = check.images[:rows]
+    parts = [model.predict(images[start : start + batch]) for start in range(0, len(images), batch)]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+
+
+def _with_optimized_copy(
+    plain: LoadedModel, model_file: Path, check: CheckSet | None, optimized_min_batch: int
+) -> LoadedModel:
+    """``plain`` with the optimised copy for the batches where it is faster, if it is correct."""
+    version, device = plain.version, plain.device
+    try:
+        optimized = torch.jit.optimize_for_inference(torch.jit.freeze(_load_module(model_file, device)))
+        check_contract(optimized, device, version)
+    except Exception as exc:  # an optimisation pass that fails here must not cost the version
+        log.warning("version %d: no optimised copy (%s); serving the module as exported", version, exc)
+        return plain
+    if optimized_min_batch > 0:
+        threshold, timings = optimized_min_batch, {}
+    else:
+        threshold, timings = _measured_crossover(plain.module, optimized, device)
+    plan = {"optimized_min_batch": threshold, "timings_us": timings}
+    model = replace(plain, optimized=optimized, optimized_min_batch=threshold, plan=MappingProxyType(plan))
+    if threshold >= NEVER:
+        return model
+    if check is not None:
+        # The path large batches take, chunks included, over the whole check set.
+        why = disagreement(check, *_predict_rows(model, check, _CHECK_BATCH))
+        checked_on = f"{len(check)} check-set images"
+    else:
+        why = _agrees_with_module(model)
+        checked_on = f"a {_OPTIMIZED_CHECK_BATCH}-image ramp (no {CHECK_SET_FILENAME} in this version)"
+    if why is not None:
+        log.warning("version %d: the optimised copy differs from the export on %s (%s); not using it",
+                    version, checked_on, why)  # fmt: skip
+        return replace(plain, optimized_min_batch=NEVER,
+                       plan=MappingProxyType({**plan, "optimized_min_batch": NEVER, "rejected": why}))
+    return replace(model, plan=MappingProxyType({**plan, "checked_on": checked_on}))
+
+
+def _agrees_with_module(model: LoadedModel) -> str | None:
+    images = _check_batch(_OPTIMIZED_CHECK_BATCH)
+    want_probabilities, want_classes = run_module(model.module, images, model.device)
+    got_probabilities, got_classes = run_module(model.optimized, images, model.device)
+    worst = float(np.max(np.abs(got_probabilities - want_probabilities)))
+    if not np.array_equal(got_classes, want_classes) or worst > _OPTIMIZED_ATOL:
+        return f"max difference {worst:.2e}"
+    return None
+
+
+def _measured_crossover(
+    module: torch.jit.ScriptModule, optimized: torch.jit.ScriptModule, device: torch.device
+) -> tuple[int, dict[int, dict[str, float]]]:
+    """Time both forms at each of ``CROSSOVER_BATCHES`` (interleaved, best of a few) and return the
+    smallest batch from which the optimised copy is faster at every larger size, with the timings."""
+    images = _check_batch(max(CROSSOVER_BATCHES))
+    # On a CPU the cost is the process's CPU time, which other programs on a busy machine do not
+    # inflate (wall time there is mostly waiting for a core); a GPU's is wall time (run_module syncs).
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    timings: dict[int, dict[str, float]] = {}
+    for batch in CROSSOVER_BATCHES:
+        x = images[:batch]
+        best = {"module": float("inf"), "optimized": float("inf")}
+        for _ in range(_CROSSOVER_WARMUP):
+            run_module(module, x, device)
+            run_module(optimized, x, device)
+        for _ in range(_CROSSOVER_REPEATS):
+            for name, form in (("module", module), ("optimized", optimized)):
+                started = clock()
+                run_module(form, x, device)
+                best[name] = min(best[name], clock() - started)
+        timings[batch] = {name: round(seconds * 1e6, 1) for name, seconds in best.items()}
+    threshold = NEVER
+    for batch in reversed(CROSSOVER_BATCHES):
+        if timings[batch]["optimized"] >= timings[batch]["module"]:
+            break
+        threshold = batch
+    return threshold, timings
+
+
+def _describe(model: LoadedModel) -> str:
+    if model.optimized is None or model.optimized_min_batch >= NEVER:
+        forms = "every batch runs the module as exported"
+        if "rejected" in model.plan:
+            forms += f" (optimised copy rejected: {model.plan['rejected']})"
+        elif model.plan.get("timings_us"):
+            forms += f" (optimised copy slower at every measured size: {model.plan['timings_us']} us)"
+    else:
+        forms = (f"batches of {model.optimized_min_batch}+ images run the optimised copy, checked on "
+                 f"{model.plan.get('checked_on', 'no images')}")  # fmt: skip
+        if model.plan.get("timings_us"):
+            forms += f" (best of {_CROSSOVER_REPEATS}, us, module vs optimised: {model.plan['timings_us']})"
+    chunks = f"; passes of more than {model.chunk} images run in chunks" if model.chunk else ""
+    return forms + chunks
 
 
 def _load_module(model_file: Path, device: torch.device) -> torch.jit.ScriptModule:
@@ -142,32 +282,6 @@ def _load_module(model_file: Path, device: torch.device) -> torch.jit.ScriptModu
         return torch.jit.load(str(model_file), map_location=device).eval()
     except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors... for a bad file
         raise ModelLoadError(f"cannot load {model_file} as TorchScript: {exc}") from exc
-
-
-def _optimized_copy(
-    model_file: Path, module: torch.jit.ScriptModule, device: torch.device, version: int
-) -> torch.jit.ScriptModule | None:
-    """A frozen, inference-optimised copy that gives the exported module's answers, or None."""
-    try:
-        optimized = torch.jit.optimize_for_inference(torch.jit.freeze(_load_module(model_file, device)))
-        check_contract(optimized, device, version)
-        images = _check_batch(_OPTIMIZED_CHECK_BATCH)
-        want_probabilities, want_classes = run_module(module, images, device)
-        got_probabilities, got_classes = run_module(optimized, images, device)
-    except Exception as exc:  # an optimisation pass that fails here must not cost the version
-        log.warning(
-            "version %d: no optimised copy for large batches (%s); serving the module as exported", version, exc
-        )
-        return None
-    worst = float(np.max(np.abs(got_probabilities - want_probabilities)))
-    if not np.array_equal(got_classes, want_classes) or worst > _OPTIMIZED_ATOL:
-        log.warning(
-            "version %d: the optimised copy disagrees with the export (max difference %.2e); not using it",
-            version,
-            worst,
-        )
-        return None
-    return optimized
 
 
 def _check_batch(batch: int) -> np.ndarray:

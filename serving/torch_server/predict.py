@@ -98,12 +98,10 @@ class Predictor:
                 f"unsupported Content-Type {content_type!r}; expected {codecs.JSON_CONTENT_TYPE} or "
                 f"{codecs.NPY_CONTENT_TYPE}"
             )
+        decoded = self._decode(environ, content_type)
         if self.batcher is not None:
-            with self.batcher.scope():
-                decoded = self._decode(environ, content_type)
-                probabilities, classes = self.batcher.predict(model, decoded.images)
+            probabilities, classes = self.batcher.predict(model, decoded.images)
         else:
-            decoded = self._decode(environ, content_type)
             self.metrics.forward_batch_size.observe(len(decoded.images))
             probabilities, classes = model.predict(decoded.images)
         self.metrics.batch_size.observe(len(decoded.images))

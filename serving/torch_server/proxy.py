@@ -141,6 +141,13 @@ http {{
     limit_conn_zone $server_name zone=active_requests:1m;
     upstream gunicorn {{
         server {settings.upstream};
+        # Reused connections to gthread workers save a TCP handshake, accept and close per request
+        # (sync workers close each one anyway). Each is closed after 100 requests so that new ones
+        # spread over the workers (a gthread worker keeps the connections it accepts), and after 4 s
+        # idle, before the server's own keep-alive (5 s) could close it under a request.
+        keepalive 32;
+        keepalive_requests 100;
+        keepalive_timeout 4s;
     }}
     server {{
         listen {listen} backlog=1024;
