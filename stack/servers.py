@@ -147,7 +147,8 @@ class Server:
     def stop(self, grace_s: float = 30.0) -> int | None:
         proxy_status = self.proxy.stop(grace_s) if self.proxy else None
         status = self.server.stop(grace_s)
-        return status if status not in (None, 0) else proxy_status
+        # The server's failure first, else nginx's, else the server's own status (0, or None if never started).
+        return proxy_status if status in (None, 0) and proxy_status not in (None, 0) else status
 
 
 def _require_nginx(what: str) -> None:

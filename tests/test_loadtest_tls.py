@@ -21,13 +21,12 @@ from mnist_client.loadtest import load_report
 from mnist_client.loadtest.config import LoadTestConfig, parse_target
 from mnist_client.loadtest.errors import ConfigError
 from mnist_client.loadtest.security import TOKEN_ENV, Security, resolve_token
-from mnist_client.rest import RestClient
 from serving.tfs_standin.flags import ServerOptions
 from serving.tfs_standin.server import ModelServer
 from serving.torch_server.config import ConfigError as ServerConfigError
 from serving.torch_server.proxy import find_nginx
-from stack.servers import rest_process
-from tests.local_stack import free_port_config
+from stack.config import free_port_config
+from stack.servers import running_server
 
 TOKEN = "s3cret-t0ken"
 DISTINCT = 100
@@ -98,23 +97,12 @@ def https_rest_url(model_repo: Path, certs: dict[str, Path], tmp_path_factory: p
         pytest.skip(missing)
     folder = tmp_path_factory.mktemp("tls-stack")
     config = free_port_config(model_repo, folder)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MNIST_REST_TLS_CERT", str(certs["server.pem"]))
-        patch.setenv("MNIST_REST_TLS_KEY", str(certs["server.key"]))
-        patch.setenv("MNIST_REST_AUTH_TOKEN", TOKEN)
-        patch.setenv("MNIST_REST_WORKERS", "1")
-        server = rest_process(config)
-        server.start()
-    url = f"https://127.0.0.1:{config.rest_port}"
-    try:
-        def ready() -> bool:
-            with RestClient(url, ca_file=certs["ca.pem"], timeout=2.0) as client:
-                return client.ready()
-
-        server.wait_ready(ready, 180)
-        yield url
-    finally:
-        server.stop()
+    env = {"MNIST_REST_TLS_CERT": str(certs["server.pem"]), "MNIST_REST_TLS_KEY": str(certs["server.key"]),
+           "MNIST_REST_AUTH_TOKEN": TOKEN, "MNIST_REST_WORKERS": "1"}
+    # Ready once /readyz (open without the token) answers over HTTPS, verified with the test CA.
+    with running_server(config, "torch", env=env, ca_file=certs["ca.pem"]) as server:
+        assert server.rest_url == f"https://127.0.0.1:{config.rest_port}"
+        yield server.rest_url
 
 
 @pytest.fixture(scope="module")
