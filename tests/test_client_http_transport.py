@@ -31,7 +31,8 @@ Script = Callable[[int], tuple[bytes, bool]]
 
 
 def with_length(body: bytes = ANSWER, extra: str = "") -> bytes:
-    return f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
 
 
 class ScriptedServer:
