@@ -3,8 +3,9 @@
 Starts the PyTorch REST server through the stack's launcher (``stack.servers.running_server``: gunicorn
 alone, one sync worker, 127.0.0.1, a free port) on the newest TorchScript export, then for each batch
 size measures, for ``RestClient(binary=False)`` and ``RestClient(binary=True)``: the request body size,
-the client's encode time (``prepare``), and the median end-to-end ``predict`` latency (encode + HTTP + server decode + model + client decode). This is
-the measurement behind ``RestClient``'s default ``binary_threshold``.
+the client's encode time (``prepare``), and the median end-to-end ``predict`` latency (encode + HTTP +
+server decode + model + client decode). This is the measurement behind ``RestClient``'s default
+``binary_threshold``.
 
     python -m bench.client_rest_formats [--models-dir models] [--batches 1 4 16 64 256] [--calls 30]
 """
