@@ -1,29 +1,31 @@
-"""The PyTorch REST server under gunicorn, driven by wrk, next to the in-process floor in one run.
+"""The PyTorch REST server as served, its defaults beside the issue's starting point, in one run.
 
-1. The floor: ``bench.inprocess.measure_torch`` on the newest TorchScript export (one intra-op
-   thread, as each worker runs): batch-1 latency and batch-256 images/s.
-2. The server as configured by ``serving/torch_server/gunicorn_conf.py`` (sync workers, one per
-   CPU, access log on), on 127.0.0.1 and a free port, driven by wrk with real MNIST test images
-   (``bench/rest_wrk.lua``, bodies as ``mnist_client`` sends them):
-   - single-image JSON at concurrency 1, 4 and 16: p50, p99, requests/s;
-   - batch-256 requests, JSON and ``.npy`` (uint8): images/s, one request at a time (the same
-     parallelism as the single-threaded floor) and two at a time (every worker busy).
-3. Worker classes and micro-batching at concurrency 1 and 16: the default sync workers, gthread workers
-   (keep-alive) with one and eight threads, and eight threads with micro-batching (requests of one
-   worker can only meet in one forward pass when the worker has several threads).
+1. The floor: the serving path in this process (``model_store.load_version`` as a worker loads it,
+   ``LoadedModel.predict``, one torch thread as each worker runs): batch-1 latency and batch-256
+   images/s, and the forms the version chose (which batches run the optimised copy, the chunks).
+2. Two servers, both as ``make serve`` starts them (``stack.servers.running_server``: nginx in front of
+   gunicorn with ``serving/torch_server/gunicorn_conf.py``), on free ports:
+   - ``defaults``: today's defaults (gthread workers with request threads, micro-batching on, the
+     optimised copy from the measured crossover, large batches in chunks);
+   - ``before``: the defaults the issue measured from (``BEFORE_ENV``: sync workers, no micro-batching,
+     the optimised copy from batch 4), the baseline every ratio is taken against;
+   - any ``--variant NAME=VAR=VALUE,...`` (more MNIST_REST_* settings) measured the same way.
+3. wrk (one thread, ``bench/rest_wrk.lua``, real MNIST test images as ``mnist_client`` sends them) drives
+   them in interleaved rounds (before, defaults, variants; before, defaults, ...): single-image JSON at
+   concurrency 1 and 16, and ``.npy`` batch-256 requests one at a time. Each figure is the median of the
+   rounds, with its spread. Each run also records the server's CPU per request (nginx and gunicorn) and,
+   from the server's metrics, the mean images per forward pass (the micro-batches formed).
 
-Ratios to the floor are computed from figures of this same run. Targets (2-core machine, wrk sharing
-the cores): >= 2,500 requests/s at concurrency 16, p50 <= 1.2 ms at concurrency 1, ``.npy``
-batch-256 >= 60% of the in-process images/s.
+    python -m bench.rest_server [--models-dir models] [--duration 4] [--rounds 3] [--variant NAME=VAR=VALUE,...]
 
-    python -m bench.rest_server [--models-dir models] [--duration 4] [--no-batching-sweep]
-
-Needs ``wrk`` (Debian package ``wrk``). Writes ``<output-dir>/rest_server.json``.
+Needs ``wrk`` (Debian package ``wrk``) and nginx. Writes ``<output-dir>/rest_server.json``; the targets
+of issue 14 are printed with PASS or MISS (see ``TARGETS``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -31,41 +33,57 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
-from bench.inprocess import DEFAULT_CALLS, measure_torch, mnist_test_images, model_only_ceiling, throughput
+from bench.inprocess import DEFAULT_CALLS, THROUGHPUT_BATCH, latency, mnist_test_images, throughput
+from bench.results import write_result
+from bench.targets import format_targets, target
 from bench.wrk import whole_seconds
 from mnist_client import contract
 from mnist_client.cpus import usable_cpus
 from serving.model_repository import latest_version, model_base_path
-from stack.processes import free_port, stop_process
+from stack.config import free_port_config
+from stack.servers import running_server
+from training.cli import positive_int
 
 log = logging.getLogger("bench.rest_server")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME = "rest_server"
 WRK_SCRIPT = Path(__file__).with_name("rest_wrk.lua")
-GUNICORN_CONF = REPO_ROOT / "serving" / "torch_server" / "gunicorn_conf.py"
 PREDICT_PATH = f"/v1/models/{contract.MODEL_NAME}:predict"
 SINGLE_BODIES = 500  # distinct single-image requests, cycled by wrk
-BATCH = 256
+BATCH = THROUGHPUT_BATCH
 BATCH_BODIES = 8
-CONCURRENCIES = (1, 4, 16)
-ACCESS_PID = re.compile(r"pid=<(\d+)>")
-TARGETS = {"rps_c16_min": 2500.0, "p50_c1_max_ms": 1.2, "npy_batch_ratio_min": 0.6}
+LOW, HIGH = 1, 16
+SPREAD_FLAG_PCT = 20.0
+CHECK_IMAGES = 64
+# The issue's starting point: sync workers (one request at a time, a connection per request), no
+# micro-batching, the optimised copy from batch 4 whatever the machine measures.
+BEFORE_ENV = {
+    "MNIST_REST_WORKER_CLASS": "sync",
+    "MNIST_REST_THREADS": "1",
+    "MNIST_REST_BATCHING": "off",
+    "MNIST_REST_OPTIMIZED_MIN_BATCH": "4",
+}
+TARGETS = {
+    "c16_rps_vs_before_min": 1.35,
+    "c16_p99_vs_before_max": 1.0,
+    "c1_p50_vs_before_max": 1.0,
+    "c1_p50_over_floor_max_ms": 0.3,
+    "npy_batch_vs_floor_min": 0.9,
+}
+_FORWARD_SUM = re.compile(r"^mnist_rest_forward_batch_size_sum (\S+)$", re.MULTILINE)
+_FORWARD_COUNT = re.compile(r"^mnist_rest_forward_batch_size_count (\S+)$", re.MULTILINE)
 
 
 # -- request bodies ---------------------------------------------------------------------------------
@@ -89,71 +107,46 @@ def write_bodies(folder: Path, name: str, bodies: list[bytes]) -> Path:
     return prefix
 
 
-# -- the server ------------------------------------------------------------------------------------
+# -- the servers --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class Server:
-    """A running gunicorn: its URL, and the CPU seconds its processes (master and workers) have used."""
+    """A running server: its URL, and the processes whose CPU time is the server's (with their children)."""
 
-    def __init__(self, url: str, pid: int) -> None:
-        self.url = url
-        self.pid = pid
+    url: str
+    pid: int
+    extra_pids: tuple[int, ...] = ()
 
     def cpu_seconds(self) -> float:
-        master = psutil.Process(self.pid)
+        seen: set[int] = set()
         total = 0.0
-        for process in (master, *master.children(recursive=True)):
+        for pid in (self.pid, *self.extra_pids):
             try:
-                times = process.cpu_times()
+                root = psutil.Process(pid)
+                processes = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
-            total += times.user + times.system
+            for process in processes:
+                if process.pid in seen:
+                    continue
+                seen.add(process.pid)
+                try:
+                    times = process.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += times.user + times.system
         return total
 
 
-@contextmanager
-def gunicorn(base_path: Path, log_path: Path, **env: str) -> Iterator[Server]:
-    """The server with gunicorn_conf.py and ``env`` on a free port; yields it once ready."""
-    port = free_port()
-    environment = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
-        "MNIST_REST_HOST": "127.0.0.1",
-        "MNIST_REST_PORT": str(port),
-        "MNIST_REST_MODEL_BASE_PATH": str(base_path),
-        "MNIST_REST_ACCESS_LOG": str(log_path.with_suffix(".access.log")),
-        **env,
-    }
-    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "serving.torch_server.app:create_app()"],
-            cwd=REPO_ROOT,
-            env=environment,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_ready(url, process, log_path)
-            yield Server(url, process.pid)
-        finally:
-            stop_process(process, grace_s=60)
-
-
-def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {process.returncode}; log: {log_path}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"gunicorn not ready within {timeout:.0f} s; log: {log_path}")
+def forward_passes(url: str) -> tuple[float, float]:
+    """(images, forward passes) so far, from the server's merged Prometheus metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    images, passes = _FORWARD_SUM.search(text), _FORWARD_COUNT.search(text)
+    if images is None or passes is None:
+        raise RuntimeError(f"{url}/metrics has no mnist_rest_forward_batch_size histogram")
+    return float(images.group(1)), float(passes.group(1))
 
 
 def check_predictions(url: str, images: np.ndarray, expected_classes: np.ndarray) -> None:
@@ -198,16 +191,16 @@ def run_wrk(
     raw = json.loads(line[len("WRK_JSON ") :])
     seconds = raw["duration_us"] / 1e6
     errors = sum(raw[k] for k in ("errors_connect", "errors_read", "errors_write", "errors_status", "errors_timeout"))
-    latency = raw["latency_us"]
+    latency_us = raw["latency_us"]
     return {
         "concurrency": concurrency,
         "requests": raw["requests"],
         "errors": errors,
         "requests_per_second": round(raw["requests"] / seconds, 1),
-        "p50_ms": latency["p50"] / 1000,
-        "p90_ms": latency["p90"] / 1000,
-        "p99_ms": latency["p99"] / 1000,
-        "max_ms": latency["max"] / 1000,
+        "p50_ms": latency_us["p50"] / 1000,
+        "p90_ms": latency_us["p90"] / 1000,
+        "p99_ms": latency_us["p99"] / 1000,
+        "max_ms": latency_us["max"] / 1000,
         "server_cpu_us_per_request": round(server_cpu / max(raw["requests"], 1) * 1e6, 1),
         "wrk_cpu_us_per_request": round(wrk_cpu / max(raw["requests"], 1) * 1e6, 1),
     }
@@ -218,7 +211,136 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# -- the in-process floor -----------------------------------------------------------------------------
+
+
+def serving_path_floor(version_dir: Path, images: np.ndarray) -> dict[str, Any]:
+    """The serving path in this process with one torch thread, as each worker runs it: batch-1 latency,
+    batch-256 images/s, and what the version chose when it loaded (its plan)."""
+    import torch
+
+    from serving.torch_server.model_store import load_version
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_version(version_dir, int(version_dir.name), torch.device("cpu"))
+        return {
+            "batch_1": latency(model.predict, images, 1, DEFAULT_CALLS[1]),
+            "batch_256": throughput(model.predict, images, BATCH, DEFAULT_CALLS[BATCH]),
+            "optimized_min_batch": model.optimized_min_batch,
+            "chunk": model.chunk,
+            "crossover_timings_us": {str(k): v for k, v in model.plan.get("timings_us", {}).items()},
+        }
+    finally:
+        torch.set_num_threads(previous)
+
+
+def floor_classes(base: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from bench.inprocess import load_torchscript
+
+    predict, _ = load_torchscript(base)
+    return predict(np.ascontiguousarray(images))
+
+
+# -- rounds and summaries -----------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and spread ((max - min) / median, %) of one figure over the rounds."""
+    median = statistics.median(values)
+    width = (max(values) - min(values)) / median * 100 if median else 0.0
+    return {"median": round(median, 3), "min": round(min(values), 3), "max": round(max(values), 3),
+            "spread_pct": round(width, 1), "flagged": width > SPREAD_FLAG_PCT, "values": values}  # fmt: skip
+
+
+def measure_round(name: str, server: Server, bodies: dict[str, Path], duration: int) -> dict[str, Any]:
+    """One round of one server: single-image JSON at LOW and HIGH, then .npy batch-256 one at a time."""
+    runs: dict[str, Any] = {}
+    for concurrency in (LOW, HIGH):
+        images_before, passes_before = forward_passes(server.url)
+        run = run_wrk(server, bodies["single"], SINGLE_BODIES, "application/json", concurrency, duration)
+        images_after, passes_after = forward_passes(server.url)
+        passes = passes_after - passes_before
+        run["images_per_forward_pass"] = round((images_after - images_before) / passes, 2) if passes else None
+        runs[f"c{concurrency}"] = run
+    run = run_wrk(server, bodies["npy"], BATCH_BODIES, "application/x-npy", 1, duration)
+    run["images_per_second"] = round(run["requests_per_second"] * BATCH, 1)
+    runs["npy_batch_256"] = run
+    for key, run in runs.items():
+        if run["errors"]:
+            raise RuntimeError(f"{name}: {run['errors']} wrk errors in {key}: {run}")
+    log.info("%s: c%d p50 %.3f ms; c%d %.0f req/s (p99 %.2f ms, %s images/pass); .npy %.0f images/s", name, LOW,
+             runs[f"c{LOW}"]["p50_ms"], HIGH, runs[f"c{HIGH}"]["requests_per_second"], runs[f"c{HIGH}"]["p99_ms"],
+             runs[f"c{HIGH}"]["images_per_forward_pass"], runs["npy_batch_256"]["images_per_second"])  # fmt: skip
+    return runs
+
+
+FIGURES = {
+    "c1_p50_ms": (f"c{LOW}", "p50_ms"),
+    "c1_p99_ms": (f"c{LOW}", "p99_ms"),
+    "c16_requests_per_second": (f"c{HIGH}", "requests_per_second"),
+    "c16_p50_ms": (f"c{HIGH}", "p50_ms"),
+    "c16_p99_ms": (f"c{HIGH}", "p99_ms"),
+    "c16_server_cpu_us_per_request": (f"c{HIGH}", "server_cpu_us_per_request"),
+    "c16_images_per_forward_pass": (f"c{HIGH}", "images_per_forward_pass"),
+    "c1_server_cpu_us_per_request": (f"c{LOW}", "server_cpu_us_per_request"),
+    "npy_batch_256_images_per_second": ("npy_batch_256", "images_per_second"),
+}
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            figure: spread([r[name][key][stat] for r in rounds if r[name][key][stat] is not None] or [0.0])
+            for figure, (key, stat) in FIGURES.items()
+        }
+        for name in rounds[0]
+    }
+
+
+def issue_targets(summary: dict[str, dict[str, Any]], floor: dict[str, Any]) -> list[dict[str, Any]]:
+    new, before = summary["defaults"], summary["before"]
+
+    def median(config: dict[str, Any], figure: str) -> float:
+        return float(config[figure]["median"])
+
+    floor_b1 = floor["batch_1"]["median_ms"]
+    floor_batch = floor["batch_256"]["images_per_second"]
+    rps, rps_before = median(new, "c16_requests_per_second"), median(before, "c16_requests_per_second")
+    p99, p99_before = median(new, "c16_p99_ms"), median(before, "c16_p99_ms")
+    p50, p50_before = median(new, "c1_p50_ms"), median(before, "c1_p50_ms")
+    npy = median(new, "npy_batch_256_images_per_second")
+    return [
+        target("REST c16 requests/s, defaults / before", rps / rps_before, TARGETS["c16_rps_vs_before_min"],
+               better="higher", detail=f"{rps:,.0f} vs {rps_before:,.0f} req/s"),
+        target("REST c16 p99, defaults / before", p99 / p99_before, TARGETS["c16_p99_vs_before_max"],
+               better="lower", detail=f"{p99:.2f} vs {p99_before:.2f} ms"),
+        target("REST c1 p50, defaults / before", p50 / p50_before, TARGETS["c1_p50_vs_before_max"],
+               better="lower", detail=f"{p50:.3f} vs {p50_before:.3f} ms"),
+        target("REST c1 p50 above the serving path's in-process batch 1", p50 - floor_b1,
+               TARGETS["c1_p50_over_floor_max_ms"], better="lower", unit=" ms",
+               detail=f"{p50:.3f} ms served vs {floor_b1:.3f} ms in process"),
+        target("REST .npy batch 256, served / in-process images/s", npy / floor_batch,
+               TARGETS["npy_batch_vs_floor_min"], better="higher",
+               detail=f"{npy:,.0f} vs {floor_batch:,.0f} images/s"),
+    ]  # fmt: skip
+
+
 # -- the benchmark ----------------------------------------------------------------------------------
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    name, sep, settings = text.partition("=")
+    env: dict[str, str] = {}
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("MNIST_REST_"):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected MNIST_REST_<SETTING>=<value>")
+        env[key] = value
+    if not sep or not name or not env or name in ("before", "defaults"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=MNIST_REST_X=value[,MNIST_REST_Y=value...]")
+    return name, env
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,10 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results", help="JSON goes here")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models", help="models root (latest version)")
     parser.add_argument("--duration", type=whole_seconds, default=4, help="whole seconds per wrk run (default 4)")
-    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the config's, CPUs)")
-    parser.add_argument(
-        "--no-batching-sweep", dest="batching_sweep", action="store_false", help="skip the worker-class/batching sweep"
-    )
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME=VAR=VALUE,...",
+                        help="another configuration measured in the same rounds, e.g. "
+                             "threads8=MNIST_REST_THREADS=8 (repeatable)")  # fmt: skip
     return parser
 
 
@@ -245,239 +367,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if version is None:
         raise FileNotFoundError(f"no TorchScript export under {base}; run `make train-torch` first")
 
-    images, labels = mnist_test_images()
+    images, _ = mnist_test_images()
     pixels = (images * contract.PIXEL_SCALE).round().astype(np.uint8)  # the original uint8 test images
-    log.info("measuring the in-process floor on %s/%d", base, version)
-    floor = measure_torch(base, images, labels)
-    floor_b1_ms = floor["latency"]["1"]["median_ms"]
-    floor_images_per_s = floor["throughput"]["images_per_second"]
-    # The server runs batches of 4+ images on an inference-optimised copy of the export; its own
-    # in-process figure shows how much of the batch throughput is model and how much is serving.
-    server_model = server_model_throughput(base / str(version), images)
-    result_floor_server = {"batch_size": BATCH, **server_model}
-
-    server_env = {} if args.workers is None else {"MNIST_REST_WORKERS": str(args.workers)}
-    cpus = usable_cpus()
-    workers = args.workers or cpus  # gunicorn_conf.py's default
+    log.info("measuring the serving path in process on %s/%d", base, version)
+    floor = serving_path_floor(base / str(version), images)
+    configs = {"before": BEFORE_ENV, "defaults": {}, **dict(args.variant)}
     result: dict[str, Any] = {
         "model": {"base_path": str(base), "version": version},
-        # Other work on a shared machine inflates every figure; the load average says how much there was.
-        "machine": {"cpus": cpus, "wrk_threads": 1, "load_average_start": os.getloadavg()},
+        "machine": {"cpus": usable_cpus(), "wrk_threads": 1, "load_average_start": os.getloadavg()},
         "duration_s": args.duration,
-        "workers": workers,
+        "rounds_run": args.rounds,
+        "configs": configs,
         "floor": floor,
-        "floor_server_model": result_floor_server,
     }
-    with tempfile.TemporaryDirectory(prefix="bench-rest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-rest-") as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
-        single = write_bodies(folder, "single", [json_body(images[i : i + 1]) for i in range(SINGLE_BODIES)])
         batches = range(0, BATCH * BATCH_BODIES, BATCH)
-        batch_json = write_bodies(folder, "batch_json", [json_body(images[i : i + BATCH]) for i in batches])
-        batch_npy = write_bodies(folder, "batch_npy", [npy_body(pixels[i : i + BATCH]) for i in batches])
-        result["body_bytes"] = {
-            "single_json": Path(f"{single}.0").stat().st_size,
-            "batch_256_json": Path(f"{batch_json}.0").stat().st_size,
-            "batch_256_npy": Path(f"{batch_npy}.0").stat().st_size,
+        bodies = {
+            "single": write_bodies(folder, "single", [json_body(images[i : i + 1]) for i in range(SINGLE_BODIES)]),
+            "npy": write_bodies(folder, "npy", [npy_body(pixels[i : i + BATCH]) for i in batches]),
         }
-
-        with gunicorn(base, folder / "default.log", **server_env) as server:
-            _, expected = floor_classes(base, images[:64])
-            check_predictions(server.url, images[:64], expected)
-            run_wrk(server, single, SINGLE_BODIES, "application/json", 4, 1)  # warm-up
-            single_runs = {}
-            for concurrency in CONCURRENCIES:
-                run = run_wrk(server, single, SINGLE_BODIES, "application/json", concurrency, args.duration)
-                run["p50_vs_floor"] = round(run["p50_ms"] / floor_b1_ms, 2)
-                run["rps_vs_floor"] = round(run["requests_per_second"] / (workers * 1000 / floor_b1_ms), 3)
-                single_runs[str(concurrency)] = run
-                log.info("single JSON c=%d: %s", concurrency, run)
-            result["single_image_json"] = single_runs
-            # The HTTP round trip without the model: the server's cheapest endpoint at concurrency 1.
-            # With the forward pass it bounds the predict p50 from below.
-            healthz = run_wrk(server, None, 0, "GET", 1, args.duration, path="/healthz")
-            healthz["p50_plus_model_ms"] = round(healthz["p50_ms"] + floor_b1_ms, 3)
-            result["healthz_c1"] = healthz
-            log.info("GET /healthz c=1: %s", healthz)
-
-            batch_runs: dict[str, Any] = {}
-            for label, prefix, content_type in (
-                ("json", batch_json, "application/json"),
-                ("npy", batch_npy, "application/x-npy"),
-            ):
-                for concurrency in (1, workers):
-                    run = run_wrk(server, prefix, BATCH_BODIES, content_type, concurrency, args.duration)
-                    run["images_per_second"] = round(run["requests_per_second"] * BATCH, 1)
-                    run["vs_floor"] = round(run["images_per_second"] / floor_images_per_s, 3)
-                    run["vs_server_model"] = round(run["images_per_second"] / server_model["images_per_second"], 3)
-                    batch_runs[f"{label}_c{concurrency}"] = run
-                    log.info("batch-256 %s c=%d: %s", label, concurrency, run)
-            result["batch_256"] = batch_runs
-
-        if args.batching_sweep:
-            result["worker_class_sweep"] = batching_sweep(base, folder, single, server_env, args.duration)
-
-    c1, c16 = result["single_image_json"]["1"], result["single_image_json"]["16"]
-    for run in result["single_image_json"].values():
-        run["server_cpu_beyond_model_us"] = round(run["server_cpu_us_per_request"] - floor_b1_ms * 1000, 1)
-    result["targets"] = {
-        **TARGETS,
-        "rps_c16_model_ceiling": model_only_ceiling(
-            result["machine"]["cpus"], floor_b1_ms, c16["wrk_cpu_us_per_request"]
-        ),
-        "p50_c1_floor_ms": result["healthz_c1"]["p50_plus_model_ms"],
-        "rps_c16": c16["requests_per_second"],
-        "p50_c1_ms": c1["p50_ms"],
-        "npy_batch_ratio": result["batch_256"]["npy_c1"]["vs_floor"],
-        "met": {
-            "rps_c16": c16["requests_per_second"] >= TARGETS["rps_c16_min"],
-            "p50_c1": c1["p50_ms"] <= TARGETS["p50_c1_max_ms"],
-            "npy_batch": result["batch_256"]["npy_c1"]["vs_floor"] >= TARGETS["npy_batch_ratio_min"],
-        },
-    }
+        result["body_bytes"] = {key: Path(f"{prefix}.0").stat().st_size for key, prefix in bodies.items()}
+        _, expected = floor_classes(base, images[:CHECK_IMAGES])
+        servers: dict[str, Server] = {}
+        for name, env in configs.items():
+            config = free_port_config(args.models_dir.resolve(), folder / name)
+            running = stack.enter_context(running_server(config, "torch", env=env))
+            servers[name] = Server(config.rest_url, running.pid or 0, tuple(running.pids))
+            check_predictions(config.rest_url, images[:CHECK_IMAGES], expected)
+            run_wrk(servers[name], bodies["single"], SINGLE_BODIES, "application/json", HIGH, 1)  # warm-up
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            log.info("round %d of %d", number, args.rounds)
+            rounds.append({name: measure_round(name, server, bodies, args.duration) for name, server in servers.items()})
+    result["rounds"] = rounds
+    result["summary"] = summarise(rounds)
+    result["targets"] = issue_targets(result["summary"], floor)
     result["machine"]["load_average_end"] = os.getloadavg()
-    print(format_table(result))
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.output_dir, NAME, result, format_table(result))
     return result
-
-
-OPTIMISED_COPY_BATCHES = (1, 2, 4, 8, 64, 256)
-
-
-def server_model_throughput(version_dir: Path, images: np.ndarray) -> dict[str, Any]:
-    """The server's own model code in this process, one torch thread: batch-256 images/s of
-    ``LoadedModel.predict``, and per-image time of the exported module against the inference-optimised
-    copy by batch size (the measurement behind ``OPTIMIZED_MIN_BATCH``)."""
-    import torch
-
-    from serving.torch_server.model_store import load_version, run_module
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = load_version(version_dir, int(version_dir.name), torch.device("cpu"))
-        result = throughput(model.predict, images, BATCH, DEFAULT_CALLS[BATCH])
-        per_image: dict[str, dict[str, float]] = {}
-        if model.optimized is not None:
-            for batch in OPTIMISED_COPY_BATCHES:
-                calls = max(3, 512 // batch)
-                timing = {}
-                for name, module in (("exported", model.module), ("optimised", model.optimized)):
-                    run = throughput(lambda x, m=module: run_module(m, x, model.device), images, batch, calls)
-                    timing[f"{name}_us_per_image"] = round(1e6 / run["images_per_second"], 1)
-                timing["ratio"] = round(timing["optimised_us_per_image"] / timing["exported_us_per_image"], 2)
-                per_image[str(batch)] = timing
-        return {**result, "optimised_vs_exported": per_image}
-    finally:
-        torch.set_num_threads(previous)
-
-
-def floor_classes(base: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from bench.inprocess import load_torchscript
-
-    predict, _ = load_torchscript(base)
-    return predict(np.ascontiguousarray(images))
-
-
-def batching_sweep(base: Path, folder: Path, single: Path, server_env: dict[str, str], duration: int) -> dict:
-    """Single-image JSON at concurrency 1 and 16 on sync workers (the default), gthread workers with one
-    and with eight threads (keep-alive connections), and gthread with micro-batching. Each run also
-    records how many requests each worker answered (from the access log): gthread workers keep the
-    connections they accept, so the split can be uneven."""
-    batching = {
-        "MNIST_REST_BATCHING": "on",
-        "MNIST_REST_BATCH_MAX_SIZE": "16",
-        "MNIST_REST_BATCH_TIMEOUT_MICROS": "500",
-    }
-    variants: dict[str, dict[str, str]] = {
-        "sync": {},
-        "gthread_1_thread": {"MNIST_REST_WORKER_CLASS": "gthread", "MNIST_REST_THREADS": "1"},
-        "gthread_8_threads": {"MNIST_REST_THREADS": "8"},
-        "gthread_8_threads_batching": {"MNIST_REST_THREADS": "8", **batching},
-    }
-    runs: dict[str, Any] = {}
-    for name, env in variants.items():
-        log_path = folder / f"{name}.log"
-        access_log = log_path.with_suffix(".access.log")
-        with gunicorn(base, log_path, **server_env, **env) as server:
-            run_wrk(server, single, SINGLE_BODIES, "application/json", 16, 1)  # warm-up
-            runs[name] = {"env": env}
-            for concurrency in (1, 16):
-                already = len(access_log.read_text().splitlines())
-                run = run_wrk(server, single, SINGLE_BODIES, "application/json", concurrency, duration)
-                pids = Counter(ACCESS_PID.findall("\n".join(access_log.read_text().splitlines()[already:])))
-                runs[name][f"c{concurrency}"] = {**run, "requests_per_worker": sorted(pids.values(), reverse=True)}
-            log.info("worker-class / micro-batching sweep %s: %s", name, runs[name])
-    return runs
 
 
 def format_table(result: dict[str, Any]) -> str:
     floor = result["floor"]
-    b1 = floor["latency"]["1"]["median_ms"]
     load = result["machine"]["load_average_start"][0], result["machine"]["load_average_end"][0]
+    threshold = floor["optimized_min_batch"]
+    forms = "the optimised copy never" if threshold >= 2**31 else f"the optimised copy from batch {threshold}"
     lines = [
-        f"load average (1 min) at start {load[0]:.1f}, at end {load[1]:.1f}, on {result['machine']['cpus']} CPUs",
-        f"in-process floor (1 thread): batch-1 median {b1:.3f} ms, "
-        f"batch-256 {floor['throughput']['images_per_second']:,.0f} images/s",
+        f"load average (1 min) at start {load[0]:.1f}, at end {load[1]:.1f}, on {result['machine']['cpus']} CPUs; "
+        f"{result['rounds_run']} interleaved rounds of {result['duration_s']} s per run",
+        f"serving path in process (1 thread): batch-1 median {floor['batch_1']['median_ms']:.3f} ms, batch-256 "
+        f"{floor['batch_256']['images_per_second']:,.0f} images/s ({forms}, chunks of {floor['chunk']})",
         "",
-        f"{'single-image JSON':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p50/floor':>11}{'errors':>8}"
-        f"{'server CPU us/req':>19}",
+        f"{'median (spread %)':<34}" + "".join(f"{name:>22}" for name in result["summary"]),
     ]
-    for concurrency, run in result["single_image_json"].items():
-        lines.append(
-            f"{'concurrency ' + concurrency:<22}{run['requests_per_second']:>10,.0f}{run['p50_ms']:>9.3f}"
-            f"{run['p99_ms']:>9.3f}{run['p50_vs_floor']:>11.2f}{run['errors']:>8}"
-            f"{run['server_cpu_us_per_request']:>19,.0f}"
-        )
-    server_floor = result["floor_server_model"]["images_per_second"]
-    per_image = result["floor_server_model"]["optimised_vs_exported"]
-    if per_image:
-        lines += ["", "per-image time, optimised copy / exported module: " + ", ".join(
-            f"batch {batch} {timing['ratio']:.2f}" for batch, timing in per_image.items()
-        )]  # fmt: skip
-    lines += [
-        "",
-        f"batch-256 floor of the server's model code (optimised copy, 1 thread): {server_floor:,.0f} images/s",
-        f"{'batch-256':<22}{'images/s':>10}{'p50 ms':>9}{'vs floor':>11}{'vs server model':>17}{'errors':>8}",
-    ]
-    for name, run in result["batch_256"].items():
-        lines.append(
-            f"{name:<22}{run['images_per_second']:>10,.0f}{run['p50_ms']:>9.1f}{run['vs_floor']:>11.2f}"
-            f"{run['vs_server_model']:>17.2f}{run['errors']:>8}"
-        )
-    if "worker_class_sweep" in result:
-        header = f"{'single-image JSON':<30}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'server CPU us/req':>19}  per worker"
-        lines += ["", header]
-        for name, variant in result["worker_class_sweep"].items():
-            for key in ("c1", "c16"):
-                run = variant[key]
-                lines.append(
-                    f"{name + ' ' + key:<30}{run['requests_per_second']:>8,.0f}{run['p50_ms']:>9.3f}"
-                    f"{run['p99_ms']:>9.3f}{run['server_cpu_us_per_request']:>19,.0f}  {run['requests_per_worker']}"
-                )
-    t = result["targets"]
-    single = result["single_image_json"]
-    c16 = single["16"]
-    healthz = result["healthz_c1"]
-    lines += [
-        "",
-        f"GET /healthz c1 (no model): p50 {healthz['p50_ms']:.3f} ms, {healthz['requests_per_second']:,.0f} req/s, "
-        f"server CPU {healthz['server_cpu_us_per_request']:,.0f} us/req; p50 + model batch-1 = "
-        f"{healthz['p50_plus_model_ms']:.3f} ms (the least a predict p50 at c1 can be here)",
-        f"model-only ceiling at c16: {t['rps_c16_model_ceiling']:,.0f} req/s ({result['machine']['cpus']} CPUs / "
-        f"(model batch-1 {b1:.3f} ms + wrk {c16['wrk_cpu_us_per_request'] / 1000:.3f} ms per request)); "
-        "server CPU beyond the model per request: "
-        + ", ".join(f"c{c} {run['server_cpu_beyond_model_us']:,.0f} us" for c, run in single.items()),
-        f"targets: c16 {t['rps_c16']:,.0f} req/s (>= {t['rps_c16_min']:,.0f}: {_ok(t['met']['rps_c16'])}), "
-        f"c1 p50 {t['p50_c1_ms']:.3f} ms (<= {t['p50_c1_max_ms']}: {_ok(t['met']['p50_c1'])}), "
-        f".npy batch-256 {t['npy_batch_ratio']:.2f} of floor (>= {t['npy_batch_ratio_min']}: "
-        f"{_ok(t['met']['npy_batch'])})",
-    ]
+    for figure in FIGURES:
+        cells = []
+        for summary in result["summary"].values():
+            s = summary[figure]
+            cells.append(f"{s['median']:>14,.3f} ({s['spread_pct']:>4.0f}%)" + ("!" if s["flagged"] else " "))
+        lines.append(f"{figure:<34}" + "".join(f"{c:>22}" for c in cells))
+    lines += ["", "configurations: " + "; ".join(f"{n}: {e or 'gunicorn_conf.py defaults'}" for n, e in
+                                                 result["configs"].items())]  # fmt: skip
+    lines += ["", format_targets(result["targets"], "issue 14 targets (REST server)")]
     return "\n".join(lines)
-
-
-def _ok(met: bool) -> str:
-    return "met" if met else "MISSED"
 
 
 if __name__ == "__main__":

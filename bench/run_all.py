@@ -15,6 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
+from bench.targets import format_targets
 from mnist_client import contract
 from serving.model_repository import latest_version, model_base_path
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"no exported model under {base}; run `make train` first (or pass --models-dir)")
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"benchmarks": {}}
+    summary: dict = {"benchmarks": {}, "targets": []}
     for name in args.only or BENCHMARKS:
         module = importlib.import_module(f"bench.{name}")
         started = time.monotonic()
@@ -64,7 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
             log.error("benchmark %s failed:\n%s", name, traceback.format_exc())
             status = "failed"
         summary["benchmarks"][name] = {"status": status, "seconds": round(time.monotonic() - started, 1)}
+        if status == "ok" and isinstance(result, dict) and isinstance(result.get("targets"), list):
+            summary["targets"].extend({"benchmark": name, **t} for t in result["targets"])
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["targets"]:
+        # Every target of every benchmark in one place, each measured as a ratio within its own run.
+        print(format_targets(summary["targets"], f"targets, {len(summary['targets'])} in all"))
     failed = [n for n, s in summary["benchmarks"].items() if s["status"] == "failed"]
     if failed:
         raise SystemExit(f"benchmarks failed: {', '.join(failed)} (see the log above)")

@@ -42,6 +42,8 @@ import numpy as np
 
 from bench.inprocess import mnist_test_images
 from bench.results import write_result
+from bench.targets import format_targets
+from bench.targets import target as issue_target
 from bench.rest_server import PREDICT_PATH, SINGLE_BODIES, Server, floor_classes, json_body, run_wrk, write_bodies
 from bench.torchserve.server import (
     TorchServe,
@@ -246,6 +248,19 @@ def ratios(summary: dict[str, dict[str, Any]], peer: str) -> dict[str, float]:
     return {figure: round(mine[figure]["median"] / summary[peer][figure]["median"], 3) for figure in FIGURES}
 
 
+def issue_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14's targets against TorchServe at its best batching, from this run's medians."""
+    mine, peer = summary["project_rest"], summary["torchserve_best"]
+    rps, peer_rps = mine["c16_requests_per_second"]["median"], peer["c16_requests_per_second"]["median"]
+    p50, peer_p50 = mine["c1_p50_ms"]["median"], peer["c1_p50_ms"]["median"]
+    return [
+        issue_target("REST c16 requests/s, project / TorchServe best batching", rps / peer_rps, 1.5, better="higher",
+               detail=f"{rps:,.0f} vs {peer_rps:,.0f} req/s"),
+        issue_target("REST c1 p50, project / TorchServe best batching", p50 / peer_p50, 0.5, better="lower",
+               detail=f"{p50:.3f} vs {peer_p50:.3f} ms"),
+    ]  # fmt: skip
+
+
 # -- the benchmark ---------------------------------------------------------------------------------------
 
 
@@ -332,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 Target("torchserve_best", Server(ts.inference_url, ts.pid), f"/predictions/{best['model_name']}")
             )
             check_answers(targets[-1], images[:CHECK_IMAGES], expected)
-            result["targets"] = {
+            result["servers"] = {
                 "project_rest": {
                     "what": "the project's REST server as `make serve` starts it (gunicorn, gunicorn_conf.py defaults)",
                     "workers": int(os.environ.get("MNIST_REST_WORKERS") or cpus),  # gunicorn_conf.py's rule
@@ -355,6 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(result["rounds"])
     result["summary"] = summary
     result["ratios_project_over"] = {peer: ratios(summary, peer) for peer in TARGETS[1:]}
+    result["targets"] = issue_targets(summary)
     result["machine"]["load_average_end"] = os.getloadavg()
     write_result(args.output_dir, NAME, result, format_table(result))
     return result
@@ -376,13 +392,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"load average (1 min) at start {machine['load_average_start'][0]:.1f}, at end "
         f"{machine['load_average_end'][0]:.1f}, on {machine['cpus']} CPUs",
         "",
-        "targets:",
+        "servers measured:",
     ]
-    for label, target in result["targets"].items():
-        settings = f"{target['workers']} workers"
-        if "batch_size" in target:
-            settings += f", batch size {target['batch_size']}, max batch delay {target['max_batch_delay_ms']} ms"
-        lines.append(f"  {label:<20}{target['what']}: {settings}")
+    for label, server in result["servers"].items():
+        settings = f"{server['workers']} workers"
+        if "batch_size" in server:
+            settings += f", batch size {server['batch_size']}, max batch delay {server['max_batch_delay_ms']} ms"
+        lines.append(f"  {label:<20}{server['what']}: {settings}")
     sweep = result["sweep"]
     lines += ["", f"TorchServe batching sweep ({sweep['seconds_per_point']} s per point at c{HIGH}):"]
     for point in sweep["points"]:
@@ -418,6 +434,7 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     if flagged:
         lines.append(f"! spread above {SPREAD_FLAG_PCT:.0f}% (other load on the machine?): " + ", ".join(flagged))
+    lines += ["", format_targets(result["targets"], "issue 14 targets (against TorchServe)")]
     return "\n".join(lines)
 
 

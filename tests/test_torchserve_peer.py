@@ -103,14 +103,20 @@ def test_bench_short_mode_runs_end_to_end_and_writes_its_json(model_repo: Path, 
     result = torchserve_peer.main(["--models-dir", str(model_repo), "--output-dir", str(tmp_path), "--short"])
     assert json.loads((tmp_path / "torchserve_peer.json").read_text()) == json.loads(json.dumps(result))
 
-    targets = result["targets"]
-    assert set(targets) == {"project_rest", "torchserve_default", "torchserve_best"}
-    assert targets["torchserve_default"]["batch_size"] == 1  # TorchServe's default: no batching
+    servers = result["servers"]
+    assert set(servers) == {"project_rest", "torchserve_default", "torchserve_best"}
+    assert servers["torchserve_default"]["batch_size"] == 1  # TorchServe's default: no batching
     sweep = result["sweep"]
     assert [(p["batch_size"], p["max_batch_delay_ms"]) for p in sweep["points"]] == [(4, 2), (8, 2)]
     fastest = max(sweep["points"], key=lambda p: p["c16"]["requests_per_second"])
     assert sweep["chosen"]["model_name"] == fastest["model_name"]
-    assert targets["torchserve_best"]["batch_size"] == fastest["batch_size"]
+    assert servers["torchserve_best"]["batch_size"] == fastest["batch_size"]
+    summary = result["summary"]
+    rps_ratio = summary["project_rest"]["c16_requests_per_second"]["median"] / summary["torchserve_best"][
+        "c16_requests_per_second"]["median"]  # fmt: skip
+    (rps_target, p50_target) = result["targets"]
+    assert rps_target["measured"] == pytest.approx(rps_ratio, abs=1e-3) and rps_target["pass"] == (rps_ratio >= 1.5)
+    assert p50_target["better"] == "lower" and p50_target["limit"] == 0.5
     assert all(p["workers"] == result["machine"]["cpus"] for p in sweep["points"])
 
     assert len(result["rounds"]) == 3
