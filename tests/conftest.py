@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from mnist_client import mnist_data
-from stack.processes import free_port  # noqa: F401 - the tests import it from here
 from tls_certs import make_certs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

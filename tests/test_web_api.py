@@ -19,7 +19,7 @@ from mnist_client import contract
 from mnist_client.loadtest.cli import main as loadtest_main
 from serving.web.app import create_app
 from serving.web.config import ConfigError, WebConfig
-from tests.conftest import free_port
+from stack.processes import free_port
 from tests.loadtest_servers import GrpcServer, Oracle, RestServer
 
 @pytest.fixture(scope="module")
