@@ -25,7 +25,9 @@ def test_both_pairs_and_both_inputs_are_measured_in_rounds(
             assert len(row["engine_round_p50s_ms"]) == len(row["client_round_p50s_ms"]) == 2
             assert row["engine_p50_ms"] > 0 and row["client_p50_ms"] > 0
             assert row["verdict"] == ("PASS" if row["client_minus_engine_ms"] <= 0.3 else "MISS")
-    assert set(result["verdicts"]) == {f"{p}/{i}" for p in result["pairs"] for i in ("uint8", "float32")}
+    targets = result["targets"]  # make bench's table of every benchmark's targets
+    assert len(targets) == 4 and {t["better"] for t in targets} == {"lower"} and {t["limit"] for t in targets} == {0.3}
+    assert {t["name"].split(" ")[0] for t in targets} == {"RestClient", "GrpcClient"}
     table = capsys.readouterr().out
     assert "torch-rest (RestClient)" in table and "tf-standin-grpc (GrpcClient)" in table
     assert "TF Serving stand-in" in table  # named for what answered
