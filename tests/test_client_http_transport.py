@@ -297,3 +297,10 @@ def test_an_early_answer_to_a_body_the_server_will_not_read_is_reported():
         thread.join(DEADLINE_S)
         listener.close()
     assert caught.value.status == 413 and caught.value.server_message == "request body too large"
+
+
+def test_a_path_prefix_with_spaces_or_non_ascii_goes_percent_encoded(serve):
+    server = serve(lambda index: (with_length(), False))
+    with RestClient(f"{server.url}/mnist api/ü") as client:
+        assert_answer(client.predict(IMAGE))
+    assert server.requests[0].startswith(b"POST /mnist%20api/%C3%BC/v1/models/mnist:predict HTTP/1.1\r\n")

@@ -515,7 +515,8 @@ def _parse_base_url(base_url: Any) -> tuple[str, str, int, str]:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as error:
         raise ClientConfigError(f"base_url {base_url!r} has an invalid port ({error})") from error
-    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+    # A path prefix (a proxy's) goes on the request line: non-ASCII characters and spaces percent-encoded.
+    return parts.scheme, parts.hostname, port, urllib.parse.quote(parts.path.rstrip("/"), safe="/%:@!$&'()*+,;=")
 
 
 def _bracket(host: str) -> str:
