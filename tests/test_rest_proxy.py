@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from serving.torch_server.config import ConfigError
-from serving.torch_server.proxy import ProxySettings, find_nginx, prepare
+from serving.torch_server.proxy import ProxySettings, find_nginx, prepare, render_config
 from stack.processes import free_port, stop_process
 
 try:
@@ -97,6 +97,7 @@ def start_proxy(upstream: Upstream, tmp_path: Path) -> Iterator:
 
     def start(**overrides: object) -> int:
         port = free_port()
+        overrides.setdefault("access_log", str(tmp_path / f"access-{port}.log"))  # not the unread pipe
         settings = ProxySettings(host="127.0.0.1", port=port, upstream=f"127.0.0.1:{upstream.port}", **overrides)
         command = prepare(settings, tmp_path / f"run-{port}")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -132,6 +133,27 @@ def test_ordinary_requests_pass_through(start_proxy) -> None:
 
 
 @needs_nginx
+def test_nginx_writes_the_access_log_with_status_and_upstream_time(start_proxy, tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+    port = start_proxy(access_log=str(log_file))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=SAFETY_S)
+    connection.request("POST", "/v1/models/mnist:predict", body=b"{}", headers={"User-Agent": "access-log-test"})
+    assert connection.getresponse().status == 200
+    connection.close()
+    deadline = time.monotonic() + SAFETY_S
+    while not (log_file.exists() and log_file.read_text()):
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.01)
+    (line,) = log_file.read_text().splitlines()
+    assert '"POST /v1/models/mnist:predict HTTP/1.1" 200' in line and '"access-log-test"' in line
+    assert " upstream 0." in line or " upstream 1." in line  # gunicorn's answer time, in seconds
+
+
+def test_the_access_log_can_be_off(tmp_path: Path) -> None:
+    assert "access_log off;" in render_config(ProxySettings(access_log="off"), tmp_path)
+    assert "access_log /dev/stderr mnist;" in render_config(ProxySettings(), tmp_path)
+
+
 def test_a_request_head_that_stalls_is_cut(start_proxy) -> None:
     port = start_proxy(header_timeout_s=1)
     with socket.create_connection(("127.0.0.1", port)) as sock:

@@ -61,6 +61,10 @@ class ProxySettings:
     # HTTPS on the client side (both or neither); gunicorn stays plain HTTP on loopback.
     tls_cert: str = ""
     tls_key: str = ""
+    # The access log, one line per request with its status and times (nginx's, and gunicorn's answer
+    # time): a file path, /dev/stderr, or "off". It is written here rather than by gunicorn, whose
+    # Python access logger cost a third of the server's CPU per single-image request (docs/rest-server.md).
+    access_log: str = "/dev/stderr"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxySettings:
@@ -114,6 +118,7 @@ def render_config(settings: ProxySettings, run_dir: Path) -> str:
     temp = "\n".join(
         f"    {kind}_temp_path {run_dir / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    access_log = "access_log off;" if settings.access_log == "off" else f"access_log {settings.access_log} mnist;"
     # Each proxied request also holds a connection towards gunicorn: size worker_connections for both.
     worker_connections = settings.max_connections + settings.max_active_requests
     return f"""# Written by serving/torch_server/proxy.py: do not edit, set MNIST_PROXY_* instead.
@@ -126,7 +131,9 @@ events {{
     worker_connections {worker_connections};
 }}
 http {{
-    access_log off;  # gunicorn logs every request with its latency
+    log_format mnist '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                     '${{request_time}}s upstream ${{upstream_response_time}}s "$http_user_agent"';
+    {access_log}
     server_tokens off;
 {temp}
     client_header_timeout {settings.header_timeout_s}s;
