@@ -69,8 +69,9 @@ Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 # One line per path, printed under the table and kept in the JSON: what each figure measured.
 PATHS = {
-    "pytorch": "the REST worker's path: model_store.load_version (export checked and warmed up; batches of "
-               "4+ on its frozen, inference-optimised copy), LoadedModel.predict, numpy in and out",
+    "pytorch": "the REST worker's path: model_store.load_version (export checked on its check set and warmed "
+               "up; batches from the measured crossover on its frozen, inference-optimised copy, CPU passes above "
+               "64 images in chunks), LoadedModel.predict, numpy in and out",
     "tensorflow": "TF Serving's path: the SavedModel loaded into a tf.compat.v1.Session, serving_default run as "
                   "one Session callable (as the stand-in's servable runs it), numpy in and out",
     "tflite": "the float32 model.tflite converted from the same SavedModel, in tf.lite.Interpreter, its "

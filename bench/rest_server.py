@@ -7,8 +7,8 @@
    gunicorn with ``serving/torch_server/gunicorn_conf.py``), on free ports:
    - ``defaults``: today's defaults (gthread workers with request threads, micro-batching on, the
      optimised copy from the measured crossover, large batches in chunks);
-   - ``before``: the defaults the issue measured from (``BEFORE_ENV``: sync workers, no micro-batching,
-     the optimised copy from batch 4), the baseline every ratio is taken against;
+   - ``before``: the defaults the issue measured from (``BEFORE_ENV``: gunicorn's access log, sync
+     workers, no micro-batching, the optimised copy from batch 4), the baseline of every ratio;
    - any ``--variant NAME=VAR=VALUE,...`` (more MNIST_REST_* settings) measured the same way.
 3. wrk (one thread, ``bench/rest_wrk.lua``, real MNIST test images as ``mnist_client`` sends them) drives
    them in interleaved rounds (before, defaults, variants; before, defaults, ...): single-image JSON at
@@ -67,9 +67,10 @@ BATCH_BODIES = 8
 LOW, HIGH = 1, 16
 SPREAD_FLAG_PCT = 20.0
 CHECK_IMAGES = 64
-# The issue's starting point: sync workers (one request at a time, a connection per request), no
-# micro-batching, the optimised copy from batch 4 whatever the machine measures.
+# The issue's starting point: gunicorn's access log, sync workers (one request at a time, a connection
+# per request), no micro-batching, the optimised copy from batch 4 whatever the machine measures.
 BEFORE_ENV = {
+    "MNIST_REST_ACCESS_LOG": "-",  # gunicorn's access log, to its log file (nginx writes it now)
     "MNIST_REST_WORKER_CLASS": "sync",
     "MNIST_REST_THREADS": "1",
     "MNIST_REST_BATCHING": "off",

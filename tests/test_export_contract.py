@@ -20,6 +20,7 @@ from tensorflow.core.framework import types_pb2
 
 from mnist_client import contract, mnist_data
 from mnist_reference import MNIST_DATASET_CHECKSUM
+from serving.check_set import read_check_set
 from serving.model_repository import list_versions, model_base_path, publish_version
 from training import model_tf, model_torch
 
@@ -117,6 +118,19 @@ def test_torchscript_normalises_inside(
     n = metadata["test_examples"]
     _, classes = run_torchscript(torchscript, mnist_test.scaled()[:n])
     assert_records_test_accuracy(classes, mnist_test.labels[:n], metadata)
+
+
+def test_torchscript_check_set_is_the_test_images_and_the_files_answers(
+    torchscript: torch.jit.ScriptModule, model_repo: Path, mnist_test: mnist_data.Split
+) -> None:
+    directory = version_dir(model_repo, contract.TORCH_FRAMEWORK_DIR)
+    check = read_check_set(directory)
+    n = read_metadata(directory)["test_examples"]
+    assert check is not None and len(check) == n
+    np.testing.assert_array_equal(check.pixels, mnist_test.images[:n])  # MNIST's own uint8 test images
+    probabilities, classes = run_torchscript(torchscript, mnist_test.scaled()[:n])
+    np.testing.assert_array_equal(check.classes, classes)
+    np.testing.assert_allclose(check.probabilities, probabilities, rtol=0, atol=1e-6)
 
 
 def test_torchscript_rejects_a_wrong_input_shape(torchscript: torch.jit.ScriptModule) -> None:

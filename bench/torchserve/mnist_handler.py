@@ -4,7 +4,7 @@ A request body is TF Serving's REST JSON as the project's server takes it (``{"i
 ``{"predictions": [...]}``, ``{"inputs": ...}`` answered ``{"outputs": ...}``) or a ``.npy`` body. The
 handler decodes and encodes with the project's own codec (``serving.torch_server.codecs``) and loads the
 model with the project's own loader (``serving.torch_server.model_store.load_version``: contract check,
-warm-up, the inference-optimised copy for batches of 4 and more), so that the comparison measures the
+warm-up, the inference-optimised copy from the measured crossover), so that the comparison measures the
 serving framework, not a different model path or JSON library.
 
 TorchServe hands ``handle`` one list of requests per batch (one request unless the model is registered
