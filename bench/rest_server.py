@@ -33,7 +33,6 @@ import os
 import re
 import resource
 import shutil
-import statistics
 import subprocess
 import tempfile
 import urllib.request
@@ -45,7 +44,7 @@ import numpy as np
 import psutil
 
 from bench.inprocess import DEFAULT_CALLS, THROUGHPUT_BATCH, latency, mnist_test_images, throughput
-from bench.results import write_result
+from bench.results import spread_summary, write_result
 from bench.targets import format_targets, target
 from bench.wrk import whole_seconds
 from mnist_client import contract
@@ -65,7 +64,6 @@ SINGLE_BODIES = 500  # distinct single-image requests, cycled by wrk
 BATCH = THROUGHPUT_BATCH
 BATCH_BODIES = 8
 LOW, HIGH = 1, 16
-SPREAD_FLAG_PCT = 20.0
 CHECK_IMAGES = 64
 # The issue's starting point: gunicorn's access log, sync workers (one request at a time, a connection
 # per request), no micro-batching, the optimised copy from batch 4 whatever the machine measures.
@@ -247,14 +245,6 @@ def floor_classes(base: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
 # -- rounds and summaries -----------------------------------------------------------------------------
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    """Median, min, max and spread ((max - min) / median, %) of one figure over the rounds."""
-    median = statistics.median(values)
-    width = (max(values) - min(values)) / median * 100 if median else 0.0
-    return {"median": round(median, 3), "min": round(min(values), 3), "max": round(max(values), 3),
-            "spread_pct": round(width, 1), "flagged": width > SPREAD_FLAG_PCT, "values": values}  # fmt: skip
-
-
 def measure_round(name: str, server: Server, bodies: dict[str, Path], duration: int) -> dict[str, Any]:
     """One round of one server: single-image JSON at LOW and HIGH, then .npy batch-256 one at a time."""
     runs: dict[str, Any] = {}
@@ -293,7 +283,7 @@ FIGURES = {
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {
         name: {
-            figure: spread([r[name][key][stat] for r in rounds if r[name][key][stat] is not None] or [0.0])
+            figure: spread_summary([r[name][key][stat] for r in rounds if r[name][key][stat] is not None] or [0.0])
             for figure, (key, stat) in FIGURES.items()
         }
         for name in rounds[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -18,3 +19,21 @@ def write_result(output_dir: Path, name: str, result: dict[str, Any], table: str
     print(table)
     log.info("wrote %s", out)
     return out
+
+
+# A figure whose rounds differ by more than this (max - min over the median) is flagged in the tables.
+SPREAD_FLAG_PCT = 20.0
+
+
+def spread_summary(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and spread ((max - min) / median, in %) of one figure over interleaved rounds."""
+    median = statistics.median(values)
+    spread = (max(values) - min(values)) / median * 100 if median else 0.0
+    return {
+        "median": round(median, 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "spread_pct": round(spread, 1),
+        "flagged": spread > SPREAD_FLAG_PCT,
+        "values": values,
+    }

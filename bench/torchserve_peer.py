@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import tempfile
 import urllib.request
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from bench.inprocess import mnist_test_images
-from bench.results import write_result
+from bench.results import SPREAD_FLAG_PCT, spread_summary, write_result
 from bench.targets import format_targets
 from bench.targets import target as issue_target
 from bench.rest_server import PREDICT_PATH, SINGLE_BODIES, Server, floor_classes, json_body, run_wrk, write_bodies
@@ -70,7 +69,6 @@ TARGETS = ("project_rest", "torchserve_default", "torchserve_best")
 LOW, HIGH = 1, 16  # the two concurrencies of every round
 CHECK_IMAGES = 64  # images each target must answer like the in-process model before it is measured
 PROBABILITY_ATOL = 1e-5  # what the project's server allows between its optimised copy and the export
-SPREAD_FLAG_PCT = 20.0
 MIN_ROUNDS = 3
 DEFAULT_BATCH_SIZES = (4, 8, 16)
 DEFAULT_DELAYS_MS = (1, 2, 5)
@@ -217,20 +215,6 @@ def interleaved_rounds(targets: list[Target], measure: Measure, rounds: int, sec
                      high["requests_per_second"])  # fmt: skip
         results.append(this_round)
     return results
-
-
-def spread_summary(values: list[float]) -> dict[str, Any]:
-    """Median, min, max and spread ((max - min) / median, in %) of one figure over the rounds."""
-    median = statistics.median(values)
-    spread = (max(values) - min(values)) / median * 100 if median else 0.0
-    return {
-        "median": round(median, 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-        "spread_pct": round(spread, 1),
-        "flagged": spread > SPREAD_FLAG_PCT,
-        "values": values,
-    }
 
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
