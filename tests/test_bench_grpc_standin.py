@@ -55,6 +55,9 @@ def test_the_target_needs_the_tail_within_three_p50s_and_todays_requests_per_sec
     assert verdict["pass"] is (tail_pass and rps_pass)
     assert verdict["today_tail_ratio"] == 7.0
     assert "p99.9 at most 3 times its p50" in verdict["target"]
+    tail, throughput = verdict["checks"]["tail_ratio"], verdict["checks"]["throughput_vs_today"]
+    assert (tail["measured"], tail["limit"], tail["better"]) == (new_p999 / 10.0, 3.0, "lower")
+    assert (throughput["measured"], throughput["limit"], throughput["better"]) == (new_rps / 1000.0, 1.0, "higher")
 
 
 def test_today_stays_selectable_by_flag() -> None:
@@ -89,6 +92,8 @@ def test_a_short_run_measures_both_configurations_in_every_round(model_repo: Pat
             rounds = result["rounds_measured"][label][concurrency]
             assert len(rounds) == 2 and all(r["errors"] == 0 and r["requests"] > 0 for r in rounds), (label, concurrency)
             assert result["summaries"][label][concurrency]["rounds"] == 2
+    assert [t["name"] for t in result["targets"]] == [
+        "gRPC stand-in at c=16: p99.9 over p50", "gRPC stand-in at c=16: requests/s over today's"]
     printed = capsys.readouterr().out
     assert "target: gRPC stand-in at c=16" in printed and ("-> PASS" in printed or "-> MISS" in printed)
     # Each stand-in was started by the launcher with its flags: their logs say which settings served.
