@@ -63,7 +63,7 @@ class ProxySettings:
     tls_key: str = ""
     # The access log, one line per request with its status and times (nginx's, and gunicorn's answer
     # time): a file path, /dev/stderr, or "off". It is written here rather than by gunicorn, whose
-    # Python access logger cost a third of the server's CPU per single-image request (docs/rest-server.md).
+    # Python access logger cost about 0.2 ms of CPU per single-image request (docs/rest-server.md).
     access_log: str = "/dev/stderr"
 
     @classmethod
