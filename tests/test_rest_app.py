@@ -536,7 +536,7 @@ def test_cpu_defaults_are_threaded_workers_per_cpu_with_micro_batching(clean_res
     monkeypatch.setattr(mnist_client.cpus, "usable_cpus", lambda: 3)
     monkeypatch.setenv("MNIST_REST_DEVICE", "cpu")
     conf = runpy.run_path(str(GUNICORN_CONF))
-    assert (conf["workers"], conf["threads"], conf["worker_class"]) == (3, 4, "gthread")
+    assert (conf["workers"], conf["threads"], conf["worker_class"]) == (3, 8, "gthread")
     assert ServerConfig.load().batching is True and ServerConfig.load().batch_max_size == 32
     monkeypatch.setenv("MNIST_REST_THREADS", "1")  # the one-request-at-a-time setup is one setting away
     assert runpy.run_path(str(GUNICORN_CONF))["worker_class"] == "sync"
