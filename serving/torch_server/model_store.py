@@ -45,7 +45,7 @@ NEVER = 2**31  # an optimised-copy threshold that no batch reaches
 # loads: the optimised copy serves from the smallest size from which it is faster at every size.
 CROSSOVER_BATCHES = (1, 2, 4, 8, 16)
 _CROSSOVER_WARMUP = 3
-_CROSSOVER_REPEATS = 5
+_CROSSOVER_REPEATS = 7
 # On CPUs a forward pass of more images than this runs in chunks of it: per image, a pass of 256
 # costs more than one of 64, whose activations stay in cache (docs/rest-server.md has the figures).
 CPU_CHUNK = 64
@@ -237,9 +237,13 @@ def _measured_crossover(
     """Time both forms at each of ``CROSSOVER_BATCHES`` (interleaved, best of a few) and return the
     smallest batch from which the optimised copy is faster at every larger size, with the timings."""
     images = _check_batch(max(CROSSOVER_BATCHES))
-    # On a CPU the cost is the process's CPU time, which other programs on a busy machine do not
-    # inflate (wall time there is mostly waiting for a core); a GPU's is wall time (run_module syncs).
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    # On a CPU the cost is CPU time, which other programs on a busy machine do not inflate (wall time
+    # there is mostly waiting for a core): this thread's when torch runs ops in the calling thread (one
+    # intra-op thread, as the workers run), else the process's. A GPU's is wall time (run_module syncs).
+    if device.type == "cuda":
+        clock = time.perf_counter
+    else:
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.process_time
     timings: dict[int, dict[str, float]] = {}
     for batch in CROSSOVER_BATCHES:
         x = images[:batch]
