@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = model_base_path(args.models_dir, contract.TORCH_FRAMEWORK_DIR, contract.MODEL_NAME)
     if latest_version(base) is None:
         parser.error(f"no exported model under {base}; run `make train-torch` first (or pass --models-dir)")
-    env = {"MNIST_REST_WORKERS": str(args.workers), "MNIST_REST_MODEL_BASE_PATH": str(base),
+    # Sync workers (MNIST_REST_THREADS=1): one request each, so a kill loses at most one and the
+    # figures are gunicorn's recovery alone (the default gthread workers also drop their kept-alive
+    # connections, which tests/test_reliability_faults.py covers).
+    env = {"MNIST_REST_WORKERS": str(args.workers), "MNIST_REST_THREADS": "1", "MNIST_REST_MODEL_BASE_PATH": str(base),
            "MNIST_REST_DEVICE": "cpu", "MNIST_REST_ACCESS_LOG": "off"}
     rounds = []
     # gunicorn alone (no nginx in front): its workers are what is killed and measured.
