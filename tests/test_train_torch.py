@@ -15,6 +15,7 @@ import torch
 
 from mnist_client import contract, mnist_data
 from mnist_reference import MNIST_DATASET_CHECKSUM
+from serving.check_set import CHECK_SET_FILENAME
 from serving.model_repository import list_versions
 from training import recipe, train_torch
 from training.model_torch import predict_numpy
@@ -38,7 +39,8 @@ def test_quick_run_exports_a_verified_model_with_metadata(
     summary, models, _ = quick_run
     export = models / contract.TORCH_FRAMEWORK_DIR / contract.MODEL_NAME / "3"
     assert summary["export_path"] == str(export) and summary["version"] == 3 and not summary["skipped"]
-    assert sorted(p.name for p in export.iterdir()) == [contract.METADATA_FILENAME, contract.TORCHSCRIPT_FILENAME]
+    assert sorted(p.name for p in export.iterdir()) == [CHECK_SET_FILENAME, contract.METADATA_FILENAME,
+                                                        contract.TORCHSCRIPT_FILENAME]
 
     meta = json.loads((export / contract.METADATA_FILENAME).read_text())
     assert meta["version"] == 3 and meta["framework"] == "pytorch" and meta["format"] == "torchscript"
