@@ -180,10 +180,11 @@ def _optional_import(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def _third_party_imports(entry_files: list[Path]) -> dict[str, Path]:
-    """Top-level third-party modules imported (at any depth) by the entry files and the local modules they reach."""
+def _third_party_imports(entry_files: list[Path], reached: set[Path] | None = None) -> dict[str, Path]:
+    """Top-level third-party modules imported (at any depth) by the entry files and the local modules they
+    reach; ``reached``, when given, receives those local module files (the entry files included)."""
     found: dict[str, Path] = {}
-    seen: set[Path] = set()
+    seen: set[Path] = set() if reached is None else reached
     queue = list(entry_files)
     while queue:
         path = queue.pop()
@@ -270,6 +271,31 @@ def test_images_install_every_package_their_code_imports(image: str) -> None:
             missing.append(f"{module} (imported by {importer.relative_to(REPO)}; from {sorted(candidates)})")
     missing += [f"{name} (runs the service)" for name in also_needed if name not in installed]
     assert not missing, f"{dockerfile.name} stage {stage} does not install: " + ", ".join(missing)
+
+
+def _copied_into(dockerfile: Path, stage: str) -> list[Path]:
+    """Repository paths (files or folders) the stage and its bases COPY from the build context, and the
+    client package's folder where a stage pip-installs it from the bind-mounted clients/."""
+    copied: list[Path] = []
+    for part in stage_chain(stages(dockerfile), stage):
+        for instruction in part.instructions:
+            if instruction.keyword == "COPY" and "--from=" not in instruction.arguments:
+                tokens = [t for t in shlex.split(instruction.arguments) if not t.startswith("--")]
+                copied += [REPO / source for source in tokens[:-1]]
+            if instruction.keyword == "RUN" and re.search(r"pip install .*/tmp/clients\b", instruction.arguments):
+                copied.append(REPO / "clients")
+    return copied
+
+
+@pytest.mark.parametrize("image", [name for name, (_, _, entries, _) in IMAGES.items() if entries is not None])
+def test_images_copy_every_project_module_their_code_imports(image: str) -> None:
+    dockerfile, stage, entries, _ = IMAGES[image]
+    reached: set[Path] = set()
+    _third_party_imports(entries, reached)
+    copied = _copied_into(dockerfile, stage)
+    missing = sorted(str(path.relative_to(REPO)) for path in reached
+                     if not any(path == c or path.is_relative_to(c) for c in copied))  # fmt: skip
+    assert not missing, f"{dockerfile.name} stage {stage} imports, but does not COPY: " + ", ".join(missing)
 
 
 def test_every_package_an_image_installs_is_pinned() -> None:
