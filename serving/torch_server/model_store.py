@@ -29,7 +29,14 @@ import numpy as np
 import torch
 
 from mnist_client import contract
-from serving.check_set import CHECK_SET_FILENAME, CheckSet, CheckSetError, disagreement, read_check_set
+from serving.check_set import (
+    CHECK_SET_FILENAME,
+    CheckSet,
+    CheckSetError,
+    disagreement,
+    pixels_to_images,
+    read_check_set,
+)
 from serving.model_repository import list_versions
 
 log = logging.getLogger(__name__)
@@ -182,7 +189,7 @@ def load_version(
 
 def _predict_rows(model: LoadedModel, check: CheckSet, batch: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``model.predict`` over the first ``rows`` check images (default all), ``batch`` at a time."""
-    images = check.images[:rows]
+    images = pixels_to_images(check.pixels[:rows])  # only the rows checked, not the whole set each time
     parts = [model.predict(images[start : start + batch]) for start in range(0, len(images), batch)]
     return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
 
