@@ -44,7 +44,7 @@ import numpy as np
 import psutil
 
 from bench.inprocess import DEFAULT_CALLS, THROUGHPUT_BATCH, latency, mnist_test_images, throughput
-from bench.results import spread_summary, write_result
+from bench.results import summarise_rounds, write_result
 from bench.targets import format_targets, target
 from bench.wrk import whole_seconds
 from mnist_client import contract
@@ -280,16 +280,6 @@ FIGURES = {
 }
 
 
-def summarise(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        name: {
-            figure: spread_summary([r[name][key][stat] for r in rounds if r[name][key][stat] is not None] or [0.0])
-            for figure, (key, stat) in FIGURES.items()
-        }
-        for name in rounds[0]
-    }
-
-
 def issue_targets(summary: dict[str, dict[str, Any]], floor: dict[str, Any]) -> list[dict[str, Any]]:
     new, before = summary["defaults"], summary["before"]
 
@@ -392,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log.info("round %d of %d", number, args.rounds)
             rounds.append({name: measure_round(name, server, bodies, args.duration) for name, server in servers.items()})
     result["rounds"] = rounds
-    result["summary"] = summarise(rounds)
+    result["summary"] = summarise_rounds(rounds, FIGURES)
     result["targets"] = issue_targets(result["summary"], floor)
     result["machine"]["load_average_end"] = os.getloadavg()
     write_result(args.output_dir, NAME, result, format_table(result))

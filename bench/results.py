@@ -37,3 +37,18 @@ def spread_summary(values: list[float]) -> dict[str, Any]:
         "flagged": spread > SPREAD_FLAG_PCT,
         "values": values,
     }
+
+
+def summarise_rounds(
+    rounds: list[dict[str, Any]], figures: dict[str, tuple[str, str]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per target (the keys of each round), each figure's :func:`spread_summary` over the rounds;
+    ``figures`` maps a figure's name to the (run, statistic) it is read from. A statistic a run did
+    not record (None) is left out of its figure."""
+    return {
+        target: {
+            figure: spread_summary([r[target][run][stat] for r in rounds if r[target][run][stat] is not None] or [0.0])
+            for figure, (run, stat) in figures.items()
+        }
+        for target in rounds[0]
+    }

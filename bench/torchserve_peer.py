@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from bench.inprocess import mnist_test_images
-from bench.results import SPREAD_FLAG_PCT, spread_summary, write_result
+from bench.results import SPREAD_FLAG_PCT, summarise_rounds, write_result
 from bench.targets import format_targets
 from bench.targets import target as issue_target
 from bench.rest_server import PREDICT_PATH, SINGLE_BODIES, Server, floor_classes, json_body, run_wrk, write_bodies
@@ -217,15 +217,6 @@ def interleaved_rounds(targets: list[Target], measure: Measure, rounds: int, sec
     return results
 
 
-def summarise(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {
-        label: {
-            figure: spread_summary([r[label][key][stat] for r in rounds]) for figure, (key, stat) in FIGURES.items()
-        }
-        for label in rounds[0]
-    }
-
-
 def ratios(summary: dict[str, dict[str, Any]], peer: str) -> dict[str, float]:
     """project / ``peer`` for every figure's median (below 1 is better for latency and CPU, above 1 for req/s)."""
     mine = summary["project_rest"]
@@ -351,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             result["sweep"] = sweep
             result["rounds"] = interleaved_rounds(targets, measure, args.rounds, args.duration)
-    summary = summarise(result["rounds"])
+    summary = summarise_rounds(result["rounds"], FIGURES)
     result["summary"] = summary
     result["ratios_project_over"] = {peer: ratios(summary, peer) for peer in TARGETS[1:]}
     result["targets"] = issue_targets(summary)
