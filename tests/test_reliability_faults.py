@@ -105,10 +105,17 @@ def test_sigterm_to_gunicorn_under_load_loses_no_accepted_request(gunicorn: Guni
     assert len(dropped) <= CLIENT_THREADS and all(o.ended >= signalled for o in dropped)
 
 
-@pytest.fixture(name="workers_of_a_kind", params=["gthread", "sync"])
+_WORKER_SETTINGS = {
+    "gevent": {},  # the CPU default: greenlets on one event loop, micro-batching
+    "gthread": {"MNIST_REST_THREADS": "8"},  # request threads, micro-batching
+    "sync": {"MNIST_REST_THREADS": "1"},  # one request at a time
+}
+
+
+@pytest.fixture(name="workers_of_a_kind", params=list(_WORKER_SETTINGS))
 def workers_of_a_kind_server(request: pytest.FixtureRequest, torch_base: Path, tmp_path: Path) -> Iterator[Gunicorn]:
-    """The default gthread workers (request threads, micro-batching), or sync workers (MNIST_REST_THREADS=1)."""
-    settings = {"MNIST_REST_THREADS": "1"} if request.param == "sync" else {}
+    """Two workers of each class gunicorn_conf.py allows."""
+    settings = _WORKER_SETTINGS[request.param]
     with gunicorn(torch_base, tmp_path, **settings) as server:
         server.kind = request.param  # type: ignore[attr-defined]
         yield server
@@ -144,8 +151,8 @@ def test_killed_worker_under_load_is_replaced_with_bounded_errors(workers_of_a_k
              "after the kill, every worker answering again after %.2f s, %d requests answered in all",
              CLIENT_THREADS, len(errors), sorted({o.result for o in errors}), first_success, all_workers,
              load.count())
-    # Only the requests the killed worker held can be lost: one for a sync worker; for a gthread worker
-    # every request it held, at most one per client thread. How soon traffic and the replacement come
+    # Only the requests the killed worker held can be lost: one for a sync worker; for a gevent or
+    # gthread worker every request it held, at most one per client thread. How soon traffic and the replacement come
     # back is a figure (bench.worker_recovery), bounded here only by the waits' safety deadlines above.
     assert len(errors) <= (1 if gunicorn.kind == "sync" else CLIENT_THREADS), errors  # type: ignore[attr-defined]
     replacement = (gunicorn.worker_pids() - pids).pop()

@@ -530,16 +530,37 @@ def clean_rest_env(monkeypatch, tmp_path):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
 
 
-def test_cpu_defaults_are_threaded_workers_per_cpu_with_micro_batching(clean_rest_env, monkeypatch):
+def test_cpu_defaults_are_gevent_workers_per_cpu_with_micro_batching(clean_rest_env, monkeypatch):
     import mnist_client.cpus
 
     monkeypatch.setattr(mnist_client.cpus, "usable_cpus", lambda: 3)
     monkeypatch.setenv("MNIST_REST_DEVICE", "cpu")
     conf = runpy.run_path(str(GUNICORN_CONF))
-    assert (conf["workers"], conf["threads"], conf["worker_class"]) == (3, 8, "gthread")
+    assert (conf["workers"], conf["threads"], conf["worker_class"]) == (3, 1, "gevent")
+    assert conf["worker_connections"] == 1000
     assert ServerConfig.load().batching is True and ServerConfig.load().batch_max_size == 32
-    monkeypatch.setenv("MNIST_REST_THREADS", "1")  # the one-request-at-a-time setup is one setting away
+    # MNIST_REST_THREADS alone still picks the threaded or the one-request-at-a-time setup.
+    monkeypatch.setenv("MNIST_REST_THREADS", "8")
+    assert runpy.run_path(str(GUNICORN_CONF))["worker_class"] == "gthread"
+    monkeypatch.setenv("MNIST_REST_THREADS", "1")
     assert runpy.run_path(str(GUNICORN_CONF))["worker_class"] == "sync"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"MNIST_REST_WORKER_CLASS": "gevent", "MNIST_REST_THREADS": "8"}, "needs MNIST_REST_WORKER_CLASS=gthread"),
+        ({"MNIST_REST_WORKER_CLASS": "sync", "MNIST_REST_THREADS": "4"}, "sync runs one thread"),
+        ({"MNIST_REST_WORKER_CLASS": "eventlet"}, "expected one of gevent, gthread, sync"),
+        ({"MNIST_REST_WORKER_CONNECTIONS": "0"}, "MNIST_REST_WORKER_CONNECTIONS"),
+    ],
+)
+def test_worker_settings_that_cannot_work_are_refused(clean_rest_env, monkeypatch, settings, message):
+    monkeypatch.setenv("MNIST_REST_DEVICE", "cpu")
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        runpy.run_path(str(GUNICORN_CONF))
 
 
 def test_gpu_defaults_are_one_worker_per_gpu_each_pinned_to_its_own(clean_rest_env, monkeypatch):

@@ -1,6 +1,7 @@
 """The PyTorch REST server as deployed: gunicorn with serving/torch_server/gunicorn_conf.py on a free port.
 
-Predictions against the in-process model, metrics merged over two workers, a
+Predictions against the in-process model, concurrent requests sharing forward passes in a gevent
+worker (the CPU default), metrics merged over two workers, a
 version swap and a broken version under concurrent requests with zero failures,
 graceful SIGTERM with requests in flight, a killed worker replaced, HTTPS with a
 bearer token.
@@ -72,6 +73,35 @@ def test_predictions_equal_the_in_process_model(server, base, images, mnist_test
     assert binary.status_code == 200, binary.text
     assert binary.json()["outputs"]["classes"] == classes.tolist()
     np.testing.assert_allclose(binary.json()["outputs"]["probabilities"], probabilities, atol=1e-6)
+
+
+def _forward_passes(url: str) -> tuple[float, float]:
+    """(images, forward passes) so far, from the server's mnist_rest_forward_batch_size histogram."""
+    samples = {s.name: s.value for s in scrape(url) if s.name.startswith("mnist_rest_forward_batch_size_")}
+    return samples["mnist_rest_forward_batch_size_sum"], samples["mnist_rest_forward_batch_size_count"]
+
+
+def test_concurrent_requests_share_forward_passes_in_a_gevent_worker(base, tmp_path, images):
+    # One worker of the CPU default class. Bursts of 16 concurrent single-image requests, until one burst
+    # ran in fewer than 16 passes: the request that ran a pass first let the event loop take in the
+    # others already received (MicroBatcher.gather). Every answer is the in-process model's.
+    probabilities, classes = in_process(base, 1, images[:16])
+    with gunicorn(base, tmp_path, MNIST_REST_WORKERS="1") as server, ThreadPoolExecutor(16) as pool:
+        assert "Using worker: gevent" in server.log(None)
+        deadline = time.monotonic() + 60
+        while True:
+            images_before, passes_before = _forward_passes(server.url)
+            responses = list(pool.map(lambda i: predict(server.url, images[i : i + 1]), range(16)))
+            for index, response in enumerate(responses):
+                assert response.status_code == 200, response.text
+                (answer,) = response.json()["predictions"]
+                assert answer["classes"] == classes[index]
+                np.testing.assert_allclose(answer["probabilities"], probabilities[index], atol=1e-6)
+            images_after, passes_after = _forward_passes(server.url)
+            assert images_after - images_before == 16  # every image in exactly one pass
+            if passes_after - passes_before < 16:
+                break
+            assert time.monotonic() < deadline, "60 s of concurrent bursts and no pass ever held two requests"
 
 
 def test_metrics_are_merged_over_both_workers(server, images):

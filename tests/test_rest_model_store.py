@@ -384,6 +384,35 @@ def test_requests_that_arrive_during_a_pass_share_the_next_one():
     }
 
 
+def test_gather_lets_the_requests_already_received_join_the_pass_it_precedes():
+    # Under gevent, gather is gevent.idle: the lead yields until the event loop has nothing ready, so
+    # requests received meanwhile queue first. Here the hook itself lets three requests arrive.
+    batcher = MicroBatcher(max_batch_size=8)
+    model = _GatedModel()
+    results: dict[int, np.ndarray] = {}
+
+    def request(mark: int) -> None:
+        results[mark] = batcher.predict(model, _rows(mark))[1]
+
+    arriving = [threading.Thread(target=request, args=(mark,)) for mark in (1, 2, 3)]
+    gathered: list[int] = []
+
+    def gather() -> None:
+        gathered.append(threading.get_ident())
+        if len(gathered) == 1:
+            for count, thread in enumerate(arriving, start=1):
+                thread.start()
+                _wait_until(lambda: batcher.queued() == count, f"{count} requests are queued")
+
+    batcher.gather = gather
+    request(0)
+    for thread in arriving:
+        thread.join(30)
+    assert model.batches == [4]  # one pass for the lead and the three that arrived while it gathered
+    assert {mark: classes.tolist() for mark, classes in results.items()} == {0: [0], 1: [1], 2: [2], 3: [3]}
+    assert gathered == [threading.get_ident()]  # once per pass, by the request that runs it
+
+
 def test_a_large_request_is_a_pass_of_its_own_and_versions_never_share_one():
     gate = threading.Event()
     batcher = MicroBatcher(max_batch_size=4)

@@ -8,8 +8,12 @@ form only from requests that would have waited anyway, and their size follows th
 at low concurrency, about as many as arrive during one pass at high concurrency.
 
 Requests pinned to different model versions never share a pass, and a request of ``max_batch_size``
-images or more is a pass of its own. It pays with several request threads per worker
-(``MNIST_REST_THREADS`` > 1, gunicorn's gthread worker): docs/rest-server.md has the figures.
+images or more is a pass of its own. It pays where a worker takes several requests at once: gunicorn's
+gevent workers (the CPU default, with ``gather`` set to ``gevent.idle``) or gthread workers with
+request threads (``MNIST_REST_THREADS`` > 1). docs/rest-server.md has the figures.
+
+Under gevent a pass runs on the event loop's own thread: a pass that never returns stops the whole
+worker, its heartbeat included, so gunicorn's master replaces it after ``MNIST_REST_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -65,6 +69,12 @@ class MicroBatcher:
         # tells the worker to exit so that the master replaces it (gunicorn_conf.post_worker_init).
         self.on_stuck: Callable[[], None] | None = None
         self._stuck_reported = False
+        # Called by the thread handed the model, before it takes the queue. Under gevent (gunicorn_conf
+        # sets gevent.idle here) requests are greenlets of one thread that queue only while the lead
+        # yields: gevent.idle returns once the event loop has nothing else ready, so every request
+        # already received (read, decoded, queued) joins this pass. That is one loop turn, no timer:
+        # a lone request runs at once.
+        self.gather: Callable[[], None] | None = None
 
     def queued(self) -> int:
         """Requests waiting for the model now (not counting the pass that runs)."""
@@ -106,6 +116,8 @@ class MicroBatcher:
     def _run_from(self, first: _Request) -> None:
         """Run ``first`` and whatever is queued behind it, then hand the model on (or free it)."""
         try:
+            if self.gather is not None:
+                self.gather()
             self._pass_started = time.monotonic()
             batch = self._take(first)
             self._execute(batch)

@@ -8,8 +8,10 @@ lists every variable; the main ones:
 
 MNIST_REST_HOST / MNIST_REST_PORT      bind address (0.0.0.0:8080)
 MNIST_REST_WORKERS                     worker processes (default: one per GPU, else one per usable CPU)
-MNIST_REST_WORKER_CLASS                sync or gthread (default: gthread when THREADS > 1, else sync)
-MNIST_REST_THREADS                     request threads per worker (default: 64 on a GPU, 8 on CPUs)
+MNIST_REST_WORKER_CLASS                gevent, gthread or sync (default: gevent on CPUs, gthread on a GPU;
+                                       with THREADS set: gthread when THREADS > 1, else sync)
+MNIST_REST_THREADS                     request threads per gthread worker (default 64, on a GPU)
+MNIST_REST_WORKER_CONNECTIONS          connections each gevent worker serves at once (1000)
 MNIST_REST_BATCHING                    micro-batching of requests queued behind a forward pass (on)
 MNIST_REST_TIMEOUT                     seconds a request may take before its worker is replaced (30)
 MNIST_REST_GRACEFUL_TIMEOUT            seconds in-flight requests get after SIGTERM (30)
@@ -25,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 # gunicorn executes this file by path: make the repository importable from any working directory.
@@ -43,13 +46,16 @@ ServerConfig.load()
 
 bind = [f"{env_str('HOST', '0.0.0.0')}:{env_int('PORT', 8080, minimum=0)}"]
 # The defaults differ by device (docs/rest-server.md has the figures behind them):
-# - CPU: one worker per usable CPU, each running one torch thread, CPU_THREADS request threads
-#   and micro-batching, so that requests queued behind a forward pass share the next one (8 threads
-#   beat 1 (sync), 4 and 16 at concurrency 16 on the 2-core machines);
-# - GPU: one worker per GPU (each worker holds a CUDA context and a copy of the model), with
+# - CPU: one gevent worker per usable CPU, each running one torch thread, with micro-batching: its
+#   requests are greenlets on one event loop, and the one that runs a forward pass first lets the
+#   loop take in every request already received (batching.MicroBatcher.gather). On the 2-core
+#   machines that beat gthread workers with 8 request threads (the previous default, GIL-bound at
+#   about 2 images per pass) and sync workers in requests/s and in tail latency at concurrency 16;
+# - GPU: one gthread worker per GPU (each worker holds a CUDA context and a copy of the model), with
 #   GPU_THREADS request threads feeding micro-batches of up to GPU_BATCH_MAX_SIZE images (a GPU's
-#   pass of 64 images costs about what one of a single image does).
-CPU_THREADS = 8
+#   pass of 64 images costs about what one of a single image does, and threads decode the next
+#   requests while the GPU runs).
+WORKER_CLASSES = ("gevent", "gthread", "sync")
 GPU_THREADS = 64
 GPU_BATCH_MAX_SIZE = 64
 _device = env_str("DEVICE", "auto")
@@ -57,15 +63,23 @@ gpus = visible_gpus(_device)
 if gpus:  # the app reads its settings in each worker, from the environment it inherits
     os.environ.setdefault("MNIST_REST_BATCH_MAX_SIZE", str(GPU_BATCH_MAX_SIZE))
 workers = env_int("WORKERS", gpus or usable_cpus(), minimum=1)
-threads = env_int("THREADS", GPU_THREADS if gpus else CPU_THREADS, minimum=1)
-# sync: one request at a time per worker, each connection closed after its answer;
-# gthread: keep-alive connections, and THREADS requests at a time per worker (needed for
-# micro-batching).
-worker_class = env_str("WORKER_CLASS", "gthread" if threads > 1 else "sync")
-if worker_class not in ("sync", "gthread"):
-    raise ConfigError(f"MNIST_REST_WORKER_CLASS={worker_class!r}: expected sync or gthread")
-if worker_class == "sync" and threads > 1:
-    raise ConfigError(f"MNIST_REST_THREADS={threads} needs MNIST_REST_WORKER_CLASS=gthread (sync runs one thread)")
+# gevent: keep-alive connections, up to worker_connections requests at a time per worker, one thread;
+# gthread: keep-alive connections, and THREADS requests at a time per worker, on threads;
+# sync: one request at a time per worker, each connection closed after its answer.
+_threads_given = env_str("THREADS", "") != ""
+threads = env_int("THREADS", GPU_THREADS if gpus else 1, minimum=1)
+if _threads_given:  # MNIST_REST_THREADS alone picks gthread (> 1) or sync (1), as it always has
+    _default_class = "gthread" if threads > 1 else "sync"
+else:
+    _default_class = "gthread" if gpus else "gevent"
+worker_class = env_str("WORKER_CLASS", _default_class)
+if worker_class not in WORKER_CLASSES:
+    raise ConfigError(f"MNIST_REST_WORKER_CLASS={worker_class!r}: expected one of {', '.join(WORKER_CLASSES)}")
+if worker_class in ("sync", "gevent") and threads > 1:
+    raise ConfigError(
+        f"MNIST_REST_THREADS={threads} needs MNIST_REST_WORKER_CLASS=gthread ({worker_class} runs one thread)"
+    )
+worker_connections = env_int("WORKER_CONNECTIONS", 1000, minimum=1)
 timeout = env_int("TIMEOUT", 30, minimum=1)
 graceful_timeout = env_int("GRACEFUL_TIMEOUT", 30, minimum=1)
 keepalive = env_int("KEEPALIVE", 5, minimum=0)
@@ -134,6 +148,10 @@ def pre_fork(server: object, worker: object) -> None:
 
 
 def post_fork(server: object, worker: object) -> None:
+    if worker_class == "gevent":
+        # gevent's monkey-patching reads every loaded module's attributes, torch's deprecated aliases
+        # included (torch is loaded when the master counted GPUs): their FutureWarnings are noise here.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"gevent\.monkey")
     gpu = getattr(worker, "mnist_gpu", None)
     if gpu is not None:  # in the worker, before the app reads its settings
         os.environ["MNIST_REST_DEVICE"] = f"cuda:{gpu}"
@@ -144,8 +162,18 @@ def post_worker_init(worker: object) -> None:
     # accepting requests that can only time out, so the worker stops (alive = False ends its loop,
     # and the master replaces it, killing it after `timeout` if the stuck thread keeps it alive).
     state = getattr(worker.wsgi, "extensions", {}).get("mnist")  # type: ignore[attr-defined]
-    if state is not None and state.batcher is not None:
+    if state is None:
+        return
+    if state.batcher is not None:
         state.batcher.on_stuck = lambda: setattr(worker, "alive", False)
+    if worker_class == "gevent":
+        import gevent
+
+        if state.batcher is not None:
+            state.batcher.gather = gevent.idle
+        # Loading a new version takes seconds of torch work: in a native thread, the event loop goes
+        # on answering with the version it has.
+        state.store.run_loader = lambda load, *args: gevent.get_hub().threadpool.apply(load, args)
 
 
 def child_exit(server: object, worker: object) -> None:

@@ -361,6 +361,10 @@ Loader = Callable[[Path, int, torch.device], LoadedModel]
 Listener = Callable[[str, int], None]
 
 
+def _call(function: Callable[..., LoadedModel], *args: Any) -> LoadedModel:
+    return function(*args)
+
+
 class ModelStore:
     """The loaded versions of one model, refreshed from its base path."""
 
@@ -384,6 +388,9 @@ class ModelStore:
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Runs ``loader(path, version, device)``: directly by default. A gevent worker sets one that runs
+        # it in a native thread, so that the event loop keeps answering requests while a version loads.
+        self.run_loader: Callable[..., LoadedModel] = _call
 
     # Reads: lock-free, one attribute read of an immutable snapshot.
     def latest(self) -> LoadedModel | None:
@@ -448,7 +455,7 @@ class ModelStore:
         fingerprint = _fingerprint(path)
         started = time.perf_counter()
         try:
-            model = self._loader(path, version, self.device)
+            model = self.run_loader(self._loader, path, version, self.device)
         except Exception as exc:  # any failure refuses the version; the served one stays
             message = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
             log.error("refusing version %d at %s: %s", version, path, message)
