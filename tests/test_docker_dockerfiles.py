@@ -239,7 +239,9 @@ IMAGES = {
         "server",
         [REPO / "serving" / "torch_server" / "app.py", REPO / "serving" / "torch_server" / "gunicorn_conf.py",
          REPO / "serving" / "torch_server" / "front.py"],
-        ["gunicorn"],
+        # gunicorn's gevent worker (the CPU default) imports packaging: its [gevent] extra, which the
+        # project's imports cannot show (the compose test's server failed to boot without it).
+        ["gunicorn", "gevent", "packaging"],
     ),
     # tf.summary needs TensorBoard, which TensorFlow no longer depends on; imports cannot show it.
     "tf-train": (REPO / "Dockerfile.tf", "train", [REPO / "training" / "train_tf.py"], ["tensorboard"]),
