@@ -9,11 +9,11 @@ at low concurrency, about as many as arrive during one pass at high concurrency.
 
 Requests pinned to different model versions never share a pass, and a request of ``max_batch_size``
 images or more is a pass of its own. It pays where a worker takes several requests at once: gunicorn's
-gevent workers (the CPU default, with ``gather`` set to ``gevent.idle``) or gthread workers with
+gevent workers (the CPU default; gevent_worker.py sets ``gather`` and ``run_pass``) or gthread workers with
 request threads (``MNIST_REST_THREADS`` > 1). docs/rest-server.md has the figures.
 
-Under gevent a pass runs on the event loop's own thread: a pass that never returns stops the whole
-worker, its heartbeat included, so gunicorn's master replaces it after ``MNIST_REST_TIMEOUT``.
+Under gevent a small pass runs on the event loop's own thread: a pass that never returns stops the
+whole worker, its heartbeat included, so gunicorn's master replaces it after ``MNIST_REST_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ class _Request:
         self.lead = False  # set when this request is handed the model to run the next pass
 
 
+def _predict(model: Predicts, images: np.ndarray) -> Prediction:
+    return model.predict(images)
+
+
 class MicroBatcher:
     """One forward pass at a time per worker; requests queued behind a pass share the next one."""
 
@@ -75,6 +79,9 @@ class MicroBatcher:
         # already received (read, decoded, queued) joins this pass. That is one loop turn, no timer:
         # a lone request runs at once.
         self.gather: Callable[[], None] | None = None
+        # Runs one pass, ``model.predict(images)`` by default; a gevent worker sends large passes to a
+        # native thread (gevent_worker.run_pass).
+        self.run_pass: Callable[[Predicts, np.ndarray], Prediction] = _predict
 
     def queued(self) -> int:
         """Requests waiting for the model now (not counting the pass that runs)."""
@@ -149,7 +156,7 @@ class MicroBatcher:
                 images = members[0].images if len(members) == 1 else np.concatenate([m.images for m in members])
                 if self._on_forward is not None:
                     self._on_forward(len(images))
-                probabilities, classes = members[0].model.predict(images)
+                probabilities, classes = self.run_pass(members[0].model, images)
             except BaseException as exc:  # every request of the pass gets the error, none waits forever
                 if len(batch) > 1:
                     log.error("forward pass of %d requests failed: %s", len(members), exc)

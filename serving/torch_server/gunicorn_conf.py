@@ -166,14 +166,10 @@ def post_worker_init(worker: object) -> None:
         return
     if state.batcher is not None:
         state.batcher.on_stuck = lambda: setattr(worker, "alive", False)
-    if worker_class == "gevent":
-        import gevent
+    if worker_class == "gevent":  # batching gathers, large passes and loads leave the event loop
+        from serving.torch_server import gevent_worker
 
-        if state.batcher is not None:
-            state.batcher.gather = gevent.idle
-        # Loading a new version takes seconds of torch work: in a native thread, the event loop goes
-        # on answering with the version it has.
-        state.store.run_loader = lambda load, *args: gevent.get_hub().threadpool.apply(load, args)
+        gevent_worker.adapt(state)
 
 
 def child_exit(server: object, worker: object) -> None:

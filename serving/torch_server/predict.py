@@ -8,7 +8,10 @@ through the micro-batcher) and encodes the answer. Every caller mistake is an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from serving.torch_server import codecs
 from serving.torch_server.batching import MicroBatcher
@@ -69,6 +72,8 @@ class Predictor:
         self.store = store
         self.metrics = metrics
         self.batcher = batcher
+        # Runs one pass when batching is off (a gevent worker sends large ones to a native thread).
+        self.run_pass: Callable[[LoadedModel, np.ndarray], tuple[np.ndarray, np.ndarray]] = _predict
 
     def resolve(self, name: str, version: str | None) -> LoadedModel:
         """The loaded model for ``name`` and an optional pinned ``version`` (404/503 otherwise)."""
@@ -103,13 +108,17 @@ class Predictor:
             probabilities, classes = self.batcher.predict(model, decoded.images)
         else:
             self.metrics.forward_batch_size.observe(len(decoded.images))
-            probabilities, classes = model.predict(decoded.images)
+            probabilities, classes = self.run_pass(model, decoded.images)
         self.metrics.batch_size.observe(len(decoded.images))
         return codecs.encode_predictions(probabilities, classes, decoded.columnar), model.version
 
     def _decode(self, environ: dict[str, Any], content_type: str | None) -> codecs.DecodedRequest:
         body = read_body(environ, self.config.max_body_bytes)
         return codecs.decode_request(body, content_type, self.config.max_batch)
+
+
+def _predict(model: LoadedModel, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return model.predict(images)
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
