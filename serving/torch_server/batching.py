@@ -53,7 +53,8 @@ class _Request:
         self.lead = False  # set when this request is handed the model to run the next pass
 
 
-def _predict(model: Predicts, images: np.ndarray) -> Prediction:
+def run_directly(model: Predicts, images: np.ndarray) -> Prediction:
+    """One pass in the calling thread: the default pass runner of MicroBatcher and Predictor."""
     return model.predict(images)
 
 
@@ -81,7 +82,7 @@ class MicroBatcher:
         self.gather: Callable[[], None] | None = None
         # Runs one pass, ``model.predict(images)`` by default; a gevent worker sends large passes to a
         # native thread (gevent_worker.run_pass).
-        self.run_pass: Callable[[Predicts, np.ndarray], Prediction] = _predict
+        self.run_pass: Callable[[Predicts, np.ndarray], Prediction] = run_directly
 
     def queued(self) -> int:
         """Requests waiting for the model now (not counting the pass that runs)."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from serving.torch_server import codecs
-from serving.torch_server.batching import MicroBatcher
+from serving.torch_server.batching import MicroBatcher, Prediction, Predicts, run_directly
 from serving.torch_server.config import ServerConfig
 from serving.torch_server.errors import (
     BadRequest,
@@ -73,7 +73,7 @@ class Predictor:
         self.metrics = metrics
         self.batcher = batcher
         # Runs one pass when batching is off (a gevent worker sends large ones to a native thread).
-        self.run_pass: Callable[[LoadedModel, np.ndarray], tuple[np.ndarray, np.ndarray]] = _predict
+        self.run_pass: Callable[[Predicts, np.ndarray], Prediction] = run_directly
 
     def resolve(self, name: str, version: str | None) -> LoadedModel:
         """The loaded model for ``name`` and an optional pinned ``version`` (404/503 otherwise)."""
@@ -115,10 +115,6 @@ class Predictor:
     def _decode(self, environ: dict[str, Any], content_type: str | None) -> codecs.DecodedRequest:
         body = read_body(environ, self.config.max_body_bytes)
         return codecs.decode_request(body, content_type, self.config.max_batch)
-
-
-def _predict(model: LoadedModel, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return model.predict(images)
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
