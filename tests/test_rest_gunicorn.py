@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import requests
 
+from bench.rest_server import forward_passes
 from mnist_client import contract
 from serving.model_repository import publish_version
 from stack.processes import StackError
@@ -75,12 +76,6 @@ def test_predictions_equal_the_in_process_model(server, base, images, mnist_test
     np.testing.assert_allclose(binary.json()["outputs"]["probabilities"], probabilities, atol=1e-6)
 
 
-def _forward_passes(url: str) -> tuple[float, float]:
-    """(images, forward passes) so far, from the server's mnist_rest_forward_batch_size histogram."""
-    samples = {s.name: s.value for s in scrape(url) if s.name.startswith("mnist_rest_forward_batch_size_")}
-    return samples["mnist_rest_forward_batch_size_sum"], samples["mnist_rest_forward_batch_size_count"]
-
-
 def test_concurrent_requests_share_forward_passes_in_a_gevent_worker(base, tmp_path, images):
     # One worker of the CPU default class. Bursts of 16 concurrent single-image requests, until one burst
     # ran in fewer than 16 passes: the request that ran a pass first let the event loop take in the
@@ -90,14 +85,14 @@ def test_concurrent_requests_share_forward_passes_in_a_gevent_worker(base, tmp_p
         assert "Using worker: gevent" in server.log(None)
         deadline = time.monotonic() + 60
         while True:
-            images_before, passes_before = _forward_passes(server.url)
+            images_before, passes_before = forward_passes(server.url)
             responses = list(pool.map(lambda i: predict(server.url, images[i : i + 1]), range(16)))
             for index, response in enumerate(responses):
                 assert response.status_code == 200, response.text
                 (answer,) = response.json()["predictions"]
                 assert answer["classes"] == classes[index]
                 np.testing.assert_allclose(answer["probabilities"], probabilities[index], atol=1e-6)
-            images_after, passes_after = _forward_passes(server.url)
+            images_after, passes_after = forward_passes(server.url)
             assert images_after - images_before == 16  # every image in exactly one pass
             if passes_after - passes_before < 16:
                 break

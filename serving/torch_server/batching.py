@@ -74,7 +74,7 @@ class MicroBatcher:
         # tells the worker to exit so that the master replaces it (gunicorn_conf.post_worker_init).
         self.on_stuck: Callable[[], None] | None = None
         self._stuck_reported = False
-        # Called by the thread handed the model, before it takes the queue. Under gevent (gunicorn_conf
+        # Called by the thread handed the model, before it takes the queue. Under gevent (gevent_worker.adapt
         # sets gevent.idle here) requests are greenlets of one thread that queue only while the lead
         # yields: gevent.idle returns once the event loop has nothing else ready, so every request
         # already received (read, decoded, queued) joins this pass. That is one loop turn, no timer:
